@@ -1,4 +1,7 @@
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
@@ -29,10 +32,3 @@ def pytest_collection_modifyitems(config, items):
 def fixtures_dir():
     return FIXTURES
 
-
-def rel_err(candidate, expected):
-    """Golden metric: max|C - E| / max|E| in float64."""
-    c = candidate.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    denom = e.abs().max().item()
-    return (c - e).abs().max().item() / (denom if denom > 0 else 1.0)
