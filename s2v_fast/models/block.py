@@ -128,11 +128,16 @@ class SelfAttention(nn.Module):
         k = self.norm_k(linear(h, self.k))
         return apply_rope(self._heads(q), rope), apply_rope(self._heads(k), rope)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Core attention over this rank's tokens [B, L, H, D] (seam: s2v_fast.parallel
+        replaces it per instance with the sequence-parallel Ulysses / ring version)."""
+        return attention(q, k, v)
+
     def forward(self, h: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         cdt = self.q.weight.dtype
         q, k = self.qk_norm_rope(h, rope)
         v = self._heads(linear(h, self.v))
-        a = attention(q.to(cdt), k.to(cdt), v)
+        a = self.attend(q.to(cdt), k.to(cdt), v)
         return linear(a.flatten(2), self.o)
 
 

@@ -1,0 +1,350 @@
+"""Command line: ``s2v-fast generate`` (also ``python -m s2v_fast generate``).
+
+All generate flags are added by :func:`add_generate_args` so that later subcommands (``profile``)
+and later features (parallel sizes, offload, attention backend, quantisation, profiler) extend one
+place. Errors a user can fix print one line and exit with code 2 (``--debug`` shows the
+traceback); Ctrl-C exits with 130 after keeping the finished clips; other failures exit with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from .errors import InputError, S2VError
+
+DEFAULT_MODEL = "Wan-AI/Wan2.2-S2V-14B"
+DEFAULT_PROMPT = "A person speaking naturally"
+DEFAULT_MAX_AREA = "480*832"
+DEFAULT_OUTPUT = "s2v_output.mp4"
+TINY_MAX_AREA = "128*128"  # --model tiny without --max-area: small frames so a CPU run is quick
+
+TINY_NOTE = ("note: --model tiny uses small random weights: the video is noise. It exists to try "
+             "the pipeline end to end (inputs, clip loop, MP4 output) without downloading 14B weights.")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ------------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def parse_max_area(value: str) -> int:
+    """'480*832', '480x832' or '399360' -> pixel area."""
+    v = str(value).strip().lower().replace("x", "*")
+    try:
+        if "*" in v:
+            a, b = v.split("*")
+            area = int(a) * int(b)
+        else:
+            area = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an area; use e.g. 480*832 or 399360") from None
+    if area <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    return area
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a one-line message (argparse's default is also 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of ``generate``; reused by other subcommands that run a generation."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory, Hugging Face repo id, or 'tiny' (built-in random "
+                        f"weights for trying the pipeline; produces noise) (default: {DEFAULT_MODEL})")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: auto = cuda if available)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="DiT/latent precision (default: bfloat16 on CUDA, float32 on CPU)")
+
+    g = p.add_argument_group("inputs")
+    g.add_argument("--image", required=True, help="reference image (PNG/JPEG)")
+    g.add_argument("--audio", required=True, help="driving speech/music audio (wav, mp3, flac, ...)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (default: the Wan2.2-S2V negative prompt)")
+    g.add_argument("--pose-video", default=None, help="optional pose video (rendered DWPose) driving the motion")
+    g.add_argument("--init-first-frame", action="store_true",
+                   help="start the video from the reference image (no frames dropped from clip 1)")
+
+    g = p.add_argument_group("size and length")
+    g.add_argument("--height", type=int, default=None, help="frame height, a multiple of 64 (default: from the image and --max-area)")
+    g.add_argument("--width", type=int, default=None, help="frame width, a multiple of 64 (default: from the image and --max-area)")
+    g.add_argument("--max-area", type=parse_max_area, default=None,
+                   help=f"largest H*W when the size follows the image, e.g. 480*832 or 720*1280 "
+                        f"(default: {DEFAULT_MAX_AREA}; {TINY_MAX_AREA} with --model tiny)")
+    g.add_argument("--num-frames", type=int, default=80, help="frames per clip, a multiple of 4 (default: 80)")
+    g.add_argument("--num-clips", type=int, default=None,
+                   help="at most this many clips (default: as many as the audio needs, about one per 5 s)")
+    g.add_argument("--fps", type=int, default=16, help="output frame rate (default: 16, the model's rate)")
+    g.add_argument("--no-trim-to-audio", dest="trim_to_audio", action="store_false",
+                   help="keep every generated frame instead of cutting the video at the end of the audio")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-inference-steps", type=int, default=40, help="denoising steps per clip (default: 40)")
+    g.add_argument("--guidance-scale", type=float, default=4.5,
+                   help="classifier-free guidance over text+audio; <= 1 disables it (default: 4.5)")
+    g.add_argument("--flow-shift", type=float, default=3.0, help="flow-matching schedule shift (default: 3.0)")
+    g.add_argument("--sample-solver", choices=["unipc", "dpm++"], default="unipc", help="sampler (default: unipc)")
+    g.add_argument("--seed", type=int, default=42, help="random seed; -1 picks one (default: 42)")
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--vae-use-slicing", action="store_true", help="decode the VAE batch one sample at a time")
+    g.add_argument("--vae-use-tiling", action="store_true", help="VAE encode/decode in spatial tiles (less memory)")
+
+    from .profiling.session import add_profiling_arguments
+
+    add_profiling_arguments(p)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=DEFAULT_OUTPUT, help=f"MP4 file to write (default: {DEFAULT_OUTPUT})")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="s2v-fast", description="Fast Wan2.2 Speech-to-Video (S2V-14B) inference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    gen = sub.add_parser(
+        "generate", help="generate a talking video from an image and audio",
+        description="Generate a video from a reference image and audio, clip by clip, into an MP4.")
+    add_generate_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# progress and summary
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class ProgressDisplay:
+    """One tqdm bar over all denoising steps of all clips (with ETA); rank 0 only."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled and is_rank_zero()
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.num_clips = 0
+
+    def on_start(self, info):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.num_clips = info["num_clips"]
+        print(f"Generating {info['num_clips']} clip(s) at {info['width']}x{info['height']} (W x H), "
+              f"{info['total_frames']} frames, {info['num_inference_steps']} steps per clip, "
+              f"seed {info['seed']}", file=self.stream, flush=True)
+        self.bar = tqdm(total=info["num_clips"] * info["num_inference_steps"], unit="step",
+                        file=self.stream, dynamic_ncols=True, desc="clip 1/%d" % info["num_clips"])
+
+    def on_clip_start(self, clip, info):
+        if self.bar is not None:
+            self.bar.set_description(f"clip {clip + 1}/{self.num_clips}")
+
+    def on_step_end(self, clip, step, info):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_clip_end(self, clip, info):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{clip + 1} clip(s) done")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_end = lambda self, out: self.close()  # noqa: E731
+
+
+def format_summary(out, model: str) -> str:
+    secs = out.num_frames / out.fps if out.fps else 0.0
+    lines = [
+        f"Wrote {out.output_path}",
+        f"  resolution     {out.width}x{out.height} (W x H)",
+        f"  clips          {out.num_clips}",
+        f"  frames         {out.num_frames} ({secs:.2f} s at {out.fps} fps)",
+        f"  sampling       {out.seconds_per_step:.3f} s/step ({out.num_steps_run} steps, "
+        f"{out.denoise_seconds:.1f} s)",
+        f"  total time     {out.total_seconds:.1f} s",
+        f"  seed           {out.seed}",
+    ]
+    if out.peak_memory_bytes is not None:
+        lines.append(f"  peak GPU mem   {out.peak_memory_bytes / 2**30:.2f} GiB")
+    if model == "tiny":
+        lines.append("  (tiny model: random weights, the video is noise)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device; use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def precheck_inputs(args) -> None:
+    """Fail fast (before loading any model) on bad settings, inputs and output path."""
+    from . import media
+    from .models.audio_features import load_audio
+    from .pipeline import validate_settings
+
+    validate_settings(height=args.height, width=args.width, num_frames=args.num_frames,
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      sample_solver=args.sample_solver, max_area=args.max_area,
+                      num_clips=args.num_clips, fps=args.fps)
+    media.check_output_writable(args.output)
+    media.open_image_rgb(args.image)
+    load_audio(args.audio)
+    if args.pose_video is not None:
+        media.read_pose_video(args.pose_video, 64, 64, num_frames=1)
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import S2VPipeline
+    from .profiling.session import ProfileOptions, run_profiled
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_rank_zero() else (lambda *a: None)
+    if args.max_area is None:
+        args.max_area = parse_max_area(TINY_MAX_AREA if args.model == "tiny" else DEFAULT_MAX_AREA)
+    if args.model == "tiny":
+        log(TINY_NOTE)
+    device = resolve_device(args.device)
+    precheck_inputs(args)
+    profile = ProfileOptions.from_args(args)  # validates --profile-dir before any heavy work
+
+    t0 = time.perf_counter()
+    log(f"Loading {args.model} on {device} ...")
+    pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
+    vae = pipe.vae
+    if args.vae_use_slicing:
+        setattr(vae, "use_slicing", True)
+    if args.vae_use_tiling:
+        if hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        else:
+            setattr(vae, "use_tiling", True)
+    log(f"Loaded in {time.perf_counter() - t0:.1f} s")
+
+    progress = ProgressDisplay(enabled=not args.quiet)
+
+    def run(stage_timer):
+        return pipe.generate(
+            args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
+            height=args.height, width=args.width, max_area=args.max_area, num_frames=args.num_frames,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            flow_shift=args.flow_shift, sample_solver=args.sample_solver, seed=args.seed, fps=args.fps,
+            init_first_frame=args.init_first_frame, pose_video=args.pose_video,
+            num_clips=args.num_clips, output=args.output, trim_to_audio=args.trim_to_audio,
+            callbacks=[progress], stage_timer=stage_timer)
+
+    try:
+        if profile.any:
+            out, paths = run_profiled(run, profile, output_path=args.output)
+        else:
+            out, paths = run(None), []
+    finally:
+        progress.close()
+    if is_rank_zero():
+        print(format_summary(out, args.model), flush=True)
+        for path in paths:
+            print(f"  profile        {path}", flush=True)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# error reporting
+
+
+def _oom_advice(parser_flags: set) -> str:
+    tips = ["--vae-use-tiling"]
+    tips += [f for f in ("--enable-cpu-offload", "--enable-layerwise-offload") if f in parser_flags]
+    tips += ["a lower --max-area (e.g. 480*832)", "fewer --num-frames (e.g. 48)"]
+    return "out of GPU memory; try " + ", ".join(tips)
+
+
+def _is_oom(exc) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
+
+
+def _flags(parser) -> set:
+    """Every option string of the parser and its subcommands (to suggest only existing flags)."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _flags(sub)
+    return flags
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    debug = getattr(args, "debug", False)
+
+    def fail(msg, code):
+        if debug:
+            traceback.print_exc()
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return code
+
+    from .pipeline import GenerationInterrupted, PartialOutputError
+
+    try:
+        return args.func(args)
+    except GenerationInterrupted as e:
+        print(f"\n{e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first clip was finished; nothing was written", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except PartialOutputError as e:
+        msg = str(e)
+        if _is_oom(e.cause):
+            msg += "; " + _oom_advice(_flags(parser))
+        return fail(msg, EXIT_FAILED)
+    except S2VError as e:
+        return fail(str(e), EXIT_USAGE)
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(e):
+            return fail(_oom_advice(_flags(parser)), EXIT_USAGE)
+        first = (str(e).strip().splitlines() or [""])[0]
+        hint = "" if debug else " (run with --debug for the traceback)"
+        return fail(f"{type(e).__name__}: {first}{hint}", EXIT_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""Triton flash-attention forward for Hopper: non-causal, unmasked, layout [B, L, H, D] (spec §10.6).
+
+    o[b, s, h] = softmax_j( q[b, s, h] . k[b, j, h] * scale ) @ v[b, :, h],  scale = 1/sqrt(D) default
+
+Numerics (as FlashAttention-2/3): bf16/fp16 q, k, v; QK^T accumulated in fp32; online softmax in
+fp32 with exp2 and the scale folded into one FMA (logit*scale*log2e - m); p rounded to the input
+dtype before the PV product (fp32 accumulate); output in the input dtype. Lq != Lk is allowed
+(cross-attention); any L (tail key blocks are masked with -inf, tail query rows are not stored).
+Strided inputs are read in place (no transposes/copies): any batch/token/head strides, last dim
+contiguous.
+
+Two load paths, picked per config: plain pointer arithmetic, or on-device TMA tensor descriptors
+(`tl.make_tensor_descriptor`, triton >= 3.4) which also enable warp specialisation of the KV loop
+(`tl.range(..., warp_specialize=True)`). `FLASH_CONFIGS` is the tuning list; the first call per
+(D, dtype, Lq/Lk bucket) times every config (configs that fail to compile are skipped) and keeps
+the fastest. Env: S2V_FLASH_CONFIG=<index> forces one config; S2V_FLASH_AUTOTUNE=0 uses the first
+config that compiles, without timing.
+
+CPU: under TRITON_INTERPRET=1 the kernel upcasts its dot operands to fp32 (the triton 3.9
+interpreter computes garbage for bf16 x bf16 `tl.dot`); fp32 inputs are accepted there for tests.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import (
+    ensure_tma_allocator,
+    has_tensor_descriptor,
+    is_interpreter,
+    kernels_usable,
+    next_pow2,
+    range_supports_warp_specialize,
+    to_dtype,
+    triton,
+    tl,
+)
+
+# bf16 output vs an fp32-softmax reference: p is rounded to bf16 before PV (FA-style) and the output
+# once more, so errors are a few bf16 ulps of the output scale.
+TOLERANCES = {
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+}
+
+# Tuning list (the lead tunes this on the H100). Keys: BLOCK_M, BLOCK_N, num_warps, num_stages,
+# TMA (device tensor descriptors), WS (warp-specialised KV loop; needs TMA to be useful).
+# Offline sm_90a compiles with triton 3.9 (ptxas -v): entries 0-3 and 5 use <= 250 registers with
+# no spills; entry 4 spills there unless the WS data partitioning of triton 3.6 splits its rows.
+FLASH_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False, WS=False),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False, WS=False),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True),
+    # two consumer warpgroups of 128 rows each (Hopper WS data partitioning, triton PR 7658)
+    dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=False, WS=False),
+]
+_SUPPORTED_D = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_inner(
+        acc, l_i, m_i, q,
+        k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale,
+        lo, hi,
+        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            if TMA:
+                k = k_src.load([start_n, 0])
+            else:
+                kp = k_src + (start_n + offs_n)[:, None] * skl + offs_d[None, :]
+                if MASK_N:
+                    k = tl.load(kp, mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
+                else:
+                    k = tl.load(kp)
+            if UPCAST:
+                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            if MASK_N:
+                qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if TMA:
+                v = v_src.load([start_n, 0])
+            else:
+                vp = v_src + (start_n + offs_n)[:, None] * svl + offs_d[None, :]
+                if MASK_N:
+                    v = tl.load(vp, mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
+                else:
+                    v = tl.load(vp)
+            p_lp = to_dtype(p, v.dtype, INTERPRET)
+            if UPCAST:
+                acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
+            else:
+                acc = tl.dot(p_lp, v, acc)
+            m_i = m_ij
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O,
+        qk_scale, H, Lq, Lk,
+        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        o_base = O + b * sob + h * soh
+        if TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[sql, 1], block_shape=[BLOCK_M, D])
+            k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skl, 1], block_shape=[BLOCK_N, D])
+            v_src = tl.make_tensor_descriptor(v_base, shape=[Lk, D], strides=[svl, 1], block_shape=[BLOCK_N, D])
+            q = q_desc.load([start_m * BLOCK_M, 0])
+        else:
+            k_src = k_base
+            v_src = v_base
+            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, 0, n_full,
+            BLOCK_N, False, TMA, WS, UPCAST, INTERPRET)
+        if n_full < Lk:
+            acc, l_i, m_i = _attn_inner(
+                acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, n_full, Lk,
+                BLOCK_N, True, TMA, False, UPCAST, INTERPRET)
+        out = to_dtype(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
+        if TMA:
+            o_desc = tl.make_tensor_descriptor(o_base, shape=[Lq, D], strides=[sol, 1], block_shape=[BLOCK_M, D])
+            o_desc.store([start_m * BLOCK_M, 0], out)
+        else:
+            tl.store(o_base + offs_m[:, None] * sol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
+
+
+def attention_reference(q, k, v, softmax_scale=None):
+    """fp32 softmax attention, [B, L, H, D] layout, output in q.dtype."""
+    D = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def _tma_ok(*tensors):
+    if not has_tensor_descriptor():
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((t.stride(i) * es) % 16 for i in range(3)):
+            return False
+    return True
+
+
+def _config_usable(cfg, tma_ok):
+    if cfg.get("TMA") and not tma_ok:
+        return False
+    if cfg.get("WS") and not range_supports_warp_specialize():
+        return False
+    return True
+
+
+_TUNED: dict = {}
+
+
+def _bucket(n: int) -> int:
+    return min(next_pow2(max(n, 1)), 1 << 17)
+
+
+def _launch(cfg, q, k, v, out, scale):
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    interp = is_interpreter()
+    ws = bool(cfg.get("WS"))
+    if cfg.get("TMA"):
+        ensure_tma_allocator()
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out,
+        scale * _LOG2E, H, Lq, Lk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        TMA=bool(cfg.get("TMA")), WS=ws, UPCAST=interp, INTERPRET=interp,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _agrees(a, b):
+    """Two configs' outputs agree up to accumulation-order noise (p rounding differs per tile)."""
+    err = (a.float() - b.float()).abs().max().item()
+    return err == err and err <= 2e-2 * max(1.0, b.float().abs().max().item())
+
+
+def _pick_config(q, k, v, out, scale):
+    B, Lq, H, D = q.shape
+    tma_ok = _tma_ok(q, k, v, out)
+    forced = os.environ.get("S2V_FLASH_CONFIG")
+    if forced is not None:
+        return FLASH_CONFIGS[int(forced)]
+    key = (D, q.dtype, _bucket(Lq), _bucket(k.shape[1]), tma_ok)
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = [c for c in FLASH_CONFIGS if _config_usable(c, tma_ok)]
+    if is_interpreter():
+        cands = [c for c in cands if not c.get("TMA")] or cands
+        _TUNED[key] = cands[0]
+        return cands[0]
+    tune = os.environ.get("S2V_FLASH_AUTOTUNE", "1") != "0"
+    from triton.testing import do_bench
+
+    best, best_t, baseline = None, float("inf"), None
+    for cfg in cands:
+        try:
+            _launch(cfg, q, k, v, out, scale)
+            if baseline is None:
+                baseline = out.clone()
+            elif not _agrees(out, baseline):  # a miscompiled variant (e.g. WS) must never win
+                continue
+            if tune:
+                t = do_bench(lambda: _launch(cfg, q, k, v, out, scale), warmup=10, rep=40)
+            else:
+                t = 0.0
+        except Exception:  # config does not compile / run on this triton or GPU: skip it
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+        if not tune:
+            break
+    if best is None:
+        raise RuntimeError("no FLASH_CONFIGS entry compiled for this GPU / triton version")
+    _TUNED[key] = best
+    return best
+
+
+def triton_attention(q, k, v, softmax_scale=None, *, out=None, config=None):
+    """q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16, last dim contiguous) -> [B, Lq, H, D] q.dtype.
+
+    `config` (a dict like the FLASH_CONFIGS entries) bypasses the tuner (benchmarks, tests)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    dtypes = (torch.bfloat16, torch.float16) + ((torch.float32,) if is_interpreter() else ())
+    ok = (
+        kernels_usable(q, k, v, out)
+        and q.dim() == 4 and k.shape == (B, Lk, H, D) and v.shape == k.shape
+        and D in _SUPPORTED_D and q.dtype in dtypes
+        and k.dtype == q.dtype and v.dtype == q.dtype and out.dtype == q.dtype
+        and all(t.stride(-1) == 1 for t in (q, k, v, out))
+    )
+    if not ok:
+        out.copy_(attention_reference(q, k, v, scale))
+        return out
+    if B * H * Lq == 0:
+        return out
+    if Lk == 0:
+        return out.zero_()
+    cfg = config if config is not None else _pick_config(q, k, v, out, scale)
+    if config is not None and cfg.get("TMA") and not _tma_ok(q, k, v, out):
+        cfg = dict(cfg, TMA=False, WS=False)
+    _launch(cfg, q, k, v, out, scale)
+    return out

@@ -1,0 +1,142 @@
+"""The fast DiT step (``model.precision = "fast"``): fused Triton kernels + step-invariant caches.
+
+Same math and rounding points as the reference path in ``block.py`` (spec §4.13, §10); what
+changes is how it is executed:
+
+* Step-invariant work is computed once per clip and kept in :class:`ClipCache` (spec §10.5-8):
+  the fp32 RoPE cos/sin table, the text cross-attention K/V of every block (per prompt), and for
+  every audio injector the AdaLN (shift, scale) and the K/V of the 5 audio tokens per frame.
+* Memory-bound chains run as single Triton kernels (``s2v_fast/kernels``):
+  norm1/norm2 + adaLN modulation -> bf16; q/k full-width RMSNorm + RoPE -> bf16;
+  self-attention gated residual + norm3 (affine); cross-attention residual + norm2 modulation;
+  FFN gated residual; audio LN + per-frame AdaLN; per-frame audio cross-attention (5 keys, in
+  registers); audio residual add.
+* Both CFG branches run as one batch of 2 (the pipeline passes B = 2).
+* GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.attention import attention
+from ..kernels.audio_injection import audio_adaln, audio_residual_add, frame_cross_attention
+from ..kernels.gated_residual import (
+    gated_residual,
+    gated_residual_layernorm_affine,
+    residual_add_norm_modulate,
+)
+from ..kernels.norm_modulate import norm_modulate
+from ..kernels.qk_norm_rope import qk_norm_rope
+from ..profiling.ranges import trace_range
+from .block import linear, rms_norm
+
+
+@dataclass
+class ClipCache:
+    """Step-invariant tensors of one clip and CFG batch (built on the first fast step)."""
+
+    rope: object  # RopeTable (fp32 fallback for non-bf16 models)
+    cos: torch.Tensor  # [L, D/2] fp32
+    sin: torch.Tensor
+    text_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: k, v [B, text_len, H, D]
+    audio_shift: List[torch.Tensor] = field(default_factory=list)  # per injector [B, F, C] cdt
+    audio_scale: List[torch.Tensor] = field(default_factory=list)
+    audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [B,F,n,H,D]
+
+
+@torch.no_grad()
+def build_clip_cache(model, cond) -> ClipCache:
+    """Everything the blocks need that does not change across the sampling steps of a clip."""
+    cos = cond.rope.cos.float().contiguous()
+    sin = cond.rope.sin.float().contiguous()
+    text_kv = [blk.cross_attn.context_kv(cond.context) for blk in model.blocks]
+    cache = ClipCache(rope=cond.rope, cos=cos, sin=sin, text_kv=[(k.contiguous(), v.contiguous()) for k, v in text_kv])
+    B, F_, n_tok, C = cond.audio_local.shape
+    gvec = cond.audio_global[:, :, 0].reshape(B * F_, C)
+    local = cond.audio_local.reshape(B * F_, n_tok, C)
+    for j, ada in enumerate(model.audio_injector.injector_adain_layers):
+        emb = linear(F.silu(gvec), ada.linear)  # cdt (bf16-rounded shift/scale, spec §4.13)
+        shift, scale = emb.chunk(2, dim=-1)
+        cache.audio_shift.append(shift.reshape(B, F_, C).contiguous())
+        cache.audio_scale.append(scale.reshape(B, F_, C).contiguous())
+        k, v = model.audio_injector.injector[j].context_kv(local)  # [B*F, n, H, D]
+        cache.audio_kv.append((k.reshape(B, F_, n_tok, *k.shape[-2:]).contiguous(),
+                               v.reshape(B, F_, n_tok, *v.shape[-2:]).contiguous()))
+    return cache
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads))
+
+
+def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: ClipCache, index: int,
+               h: torch.Tensor = None) -> torch.Tensor:
+    """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> fp32 x."""
+    sa, ca = block.self_attn, block.cross_attn
+    H = sa.num_heads
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = block.modulation_terms(e0)
+    if h is None:  # norm1 + modulation -> bf16 (block 0 rounds the normalised value: x is bf16)
+        h = norm_modulate(x, shift_sa, scale_sa, split, eps=block.eps,
+                          round_normed_to_bf16=x.dtype == torch.bfloat16, out_dtype=sa.q.weight.dtype)
+    with trace_range("self_attention"):
+        v = linear(h, sa.v)
+        if v.dtype == torch.bfloat16:
+            q, k = qk_norm_rope(linear(h, sa.q), linear(h, sa.k), sa.norm_q.weight, sa.norm_k.weight,
+                                cache.cos, cache.sin, H, eps=sa.norm_q.eps)
+        else:  # fp32 models (CPU tests): the kernel emits bf16 for attention, keep fp32 instead
+            q, k = sa.qk_norm_rope(h, cache.rope)
+        with trace_range("attention"):
+            a = attention(q, k, _heads(v, H))
+        y = linear(a.flatten(2), sa.o)
+    x, h3 = gated_residual_layernorm_affine(x, y, gate_sa, split, block.norm3.weight, block.norm3.bias,
+                                            eps=block.eps, out_dtype=ca.q.weight.dtype)
+    with trace_range("cross_attention"):
+        qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
+        kc, vc = cache.text_kv[index]
+        yc = linear(attention(qc, kc, vc).flatten(2), ca.o)
+    x, h2 = residual_add_norm_modulate(x, yc, shift_ff, scale_ff, split, eps=block.eps,
+                                       out_dtype=block.ffn[0].weight.dtype)
+    with trace_range("ffn"):
+        f = F.gelu(linear(h2, block.ffn[0]), approximate="tanh")
+        y2 = linear(f, block.ffn[2])
+    return gated_residual(x, y2, gate_ff, split)
+
+
+def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: ClipCache) -> torch.Tensor:
+    """Audio injector j on the noisy tokens (x updated in place)."""
+    inj = model.audio_injector.injector[j]
+    shift, scale = cache.audio_shift[j], cache.audio_scale[j]
+    Fr = shift.shape[1]
+    with trace_range("audio_injection"):
+        ada = model.audio_injector.injector_adain_layers[j]
+        if shift.dtype == torch.bfloat16:
+            a = audio_adaln(x[:, :num_noisy], shift, scale, num_noisy // Fr, eps=ada.eps)
+        else:  # fp32 models: the kernel's output is bf16 by contract; use the module math
+            B, _, C = x.shape
+            hv = x[:, :num_noisy].reshape(B * Fr, num_noisy // Fr, C)
+            a = ada(hv, shift_scale=(shift.reshape(B * Fr, C), 1 + scale.reshape(B * Fr, C)))
+            a = a.reshape(B, num_noisy, C)
+        q = _heads(rms_norm(linear(a, inj.q), inj.norm_q.weight, inj.norm_q.eps), inj.num_heads)
+        k, v = cache.audio_kv[j]
+        o = frame_cross_attention(q, k, v)
+        y = linear(o.flatten(2), inj.o)
+        return audio_residual_add(x, y, num_noisy)
+
+
+def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Tensor:
+    """All blocks + audio injections of one step on the fast path."""
+    cache = cond.cache.get("fast")
+    if cache is None:
+        cache = cond.cache["fast"] = build_clip_cache(model, cond)
+    split = cond.num_noisy
+    for i, block in enumerate(model.blocks):
+        with trace_range(f"block{i}"):
+            x = fast_block(block, x, e0, split, cache, i)
+        j = model.audio_injector.layer_to_index.get(i)
+        if j is not None:
+            x = fast_inject_audio(model, j, x, split, cache)
+    return x

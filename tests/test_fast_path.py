@@ -1,0 +1,73 @@
+"""The fast DiT step (fused kernels + per-clip caches + batched CFG) against the reference path.
+
+On CPU the Triton kernels run in the interpreter (tests/conftest.py), so these shapes are small.
+"""
+import torch
+import pytest
+
+from s2v_fast import S2VTransformer
+from s2v_fast.config import DiTConfig
+from util import fixture, load_fixture, rel_err
+
+
+def _golden_model():
+    return S2VTransformer.from_pretrained(fixture("dit"), dtype=torch.float32)
+
+
+def test_fast_path_reproduces_golden_fp32():
+    """fp32 golden cases through the fast path: the kernels' fp32 variants keep 1e-5."""
+    model = _golden_model()
+    model.precision = "fast"
+    inp = load_fixture("dit", "inputs.safetensors")
+    for case, x, t, ctx, cond, audio, drop in [
+        ("clip1_with_motion", "x_clip1", "t_clip1", "context_pos", "cond_zero", "audio_clip1", False),
+        ("clip0_drop_motion", "x_clip0", "t_clip0", "context_pos", "cond_zero", "audio_clip0", True),
+    ]:
+        exp = load_fixture("dit", f"case_{case}.safetensors")["output"]
+        out = model(inp[x][None], inp[t], [inp[ctx]], inp["ref_latents"], inp["motion_latents"],
+                    inp[cond], inp[audio], drop_motion_frames=drop)[0]
+        assert rel_err(out, exp) <= 1e-5, case
+
+
+def _bf16_inputs(cfg, B=2, F=3, lh=16, lw=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    audio = r(B, 25, cfg.audio_dim, 4 * F).bfloat16()
+    audio[1] = 0  # uncond branch: zero audio
+    return dict(x=r(B, 16, F, lh, lw).bfloat16(), t=torch.tensor([749] * B),
+                context=[r(13, cfg.text_dim).bfloat16(), r(29, cfg.text_dim).bfloat16()][:B],
+                ref_latents=r(1, 16, 1, lh, lw), motion_latents=r(1, 16, 19, lh, lw),
+                cond_states=torch.zeros(1, 16, F, lh, lw, dtype=torch.bfloat16), audio_input=audio)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_fast_matches_reference_bf16_tiny(drop):
+    """bf16 fast vs bf16 reference on the tiny config, CFG batch of 2.
+
+    Bound: relative L2 <= 1e-2 and cosine >= 0.9999 (issue 5). Both paths round at the same
+    points; differences come from fp32 vs fp64 RoPE and reduction order inside kernels, i.e.
+    bf16 ulp flips that propagate through the blocks (measured ~2e-3 rel L2).
+    """
+    torch.manual_seed(0)
+    model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
+    inp = _bf16_inputs(model.config)
+    ref = model(**inp, drop_motion_frames=drop)
+    model.precision = "fast"
+    out = model(**inp, drop_motion_frames=drop)
+    l2 = ((out - ref).norm() / ref.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    assert l2 <= 1e-2 and cos >= 0.9999, (l2, cos)
+
+
+def test_fast_clip_cache_is_reused_across_steps():
+    torch.manual_seed(0)
+    model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
+    model.precision = "fast"
+    inp = _bf16_inputs(model.config)
+    x, t = inp.pop("x"), inp.pop("t")
+    cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **inp)
+    a = model.forward_step(x, t, cond)
+    cache = cond.cache["fast"]
+    b = model.forward_step(x, t, cond)
+    assert cond.cache["fast"] is cache
+    assert torch.equal(a, b)
