@@ -105,8 +105,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 # ----------------------------------------------------------------------------- attention
-class SelfAttention(nn.Module):
-    """q/k/v/o projections, full-width q/k RMSNorm, 3-axis RoPE, dense attention."""
+class _AttentionProjections(nn.Module):
+    """q/k/v/o Linear(dim, dim) and full-width RMSNorm on q and k (official key names)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -121,6 +121,10 @@ class SelfAttention(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+
+class SelfAttention(_AttentionProjections):
+    """q/k/v/o projections, full-width q/k RMSNorm, 3-axis RoPE, dense attention."""
 
     def qk_norm_rope(self, h: torch.Tensor, rope: RopeTable) -> Tuple[torch.Tensor, torch.Tensor]:
         """q = RoPE(RMSNorm_q(Wq h)), k = RoPE(RMSNorm_k(Wk h)), each [B, L, H, D] fp32."""
@@ -141,26 +145,12 @@ class SelfAttention(nn.Module):
         return linear(a.flatten(2), self.o)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_AttentionProjections):
     """Cross-attention without RoPE or mask: text (block) and audio (injector) variants.
 
     q = RMSNorm_q(Wq x), k = RMSNorm_k(Wk c), v = Wv c; k/v can be precomputed with
     :meth:`context_kv` (they depend only on the context) and passed as ``kv``.
     """
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (self.num_heads, self.head_dim))
 
     def context_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         k = self._heads(self.norm_k(linear(context, self.k)))
