@@ -14,8 +14,6 @@ bench/results) as JSON: names `kernel_<op>_<tokens>` / `attention_<backend>_<tok
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,6 +23,9 @@ if __name__ == "__main__" and "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s2v_fast.kernels import audio_injection as ai
 from s2v_fast.kernels import flash_attention as fa
@@ -211,21 +212,11 @@ def bench_kernel(op, L, cfg):
 # ----------------------------------------------------------------------------- attention
 
 
-def _sdpa(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+from s2v_fast.kernels import attention as attn_registry  # noqa: E402
 
-    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
-
-    def run(q, k, v):
-        with sdpa_kernel([be]):
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return o.transpose(1, 2)
-
-    return run
-
-
-ATTN_BACKENDS = ("triton", "sdpa_cudnn", "sdpa_flash")
+# every registered backend that can run here (flash_attn only when the package is installed)
+ATTN_BACKENDS = tuple(b for b in ("triton", "cudnn", "sdpa_flash", "flash_attn")
+                      if b in attn_registry.available_attention_backends())
 
 
 def bench_attention(backend, L, cfg, Lk=None):
@@ -247,7 +238,7 @@ def bench_attention(backend, L, cfg, Lk=None):
     if backend == "triton":
         fn = lambda: fa.triton_attention(q, k, v)  # noqa: E731
     else:
-        fn = (lambda f: (lambda: f(q, k, v)))(_sdpa(backend.split("_", 1)[1]))
+        fn = (lambda f: (lambda: f(q, k, v)))(attn_registry._BACKENDS[backend])
     try:
         out = fn()
     except Exception as e:  # backend unavailable for this shape/GPU
@@ -265,25 +256,12 @@ def bench_attention(backend, L, cfg, Lk=None):
 # ----------------------------------------------------------------------------- output
 
 
-def _meta():
-    import triton
+def write_json(records, topic="kernels"):
+    """JSON in the project's results form (bench/results_io.py): ``<topic>-<device>-<date>.json``."""
+    from results_io import write_results
 
-    return dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)",
-        torch=torch.__version__, triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        shapes=dict(C=C, H=H, D=D, tokens={str(k): dict(noisy=v[0], per_frame=v[1]) for k, v in SHAPES.items()}),
-    )
-
-
-def write_json(records, tag="bench_kernels"):
-    out_dir = os.environ.get("S2V_BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out_dir, f"{tag}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(dict(meta=_meta(), results=records), f, indent=1)
-    return path
+    shapes = dict(C=C, H=H, D=D, tokens={str(k): dict(noisy=v[0], per_frame=v[1]) for k, v in SHAPES.items()})
+    return write_results(topic, records, extra=dict(shapes=shapes))
 
 
 def print_table(records):
@@ -345,7 +323,8 @@ def main(argv=None):
     recs = run_all(cfg, sizes, a.only, cross=not a.no_cross)
     print()
     print_table(recs)
-    print("wrote", write_json(recs, "bench_kernels_smoke" if a.smoke else "bench_kernels"))
+    if not a.smoke:
+        print("wrote", write_json(recs))
     return 0
 
 
@@ -391,7 +370,7 @@ if pytest is not None and __name__ != "__main__":
         qkv = torch.randn(1, L, 3, H, D, device="cuda").to(torch.bfloat16)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         fn = (lambda: fa.triton_attention(q, k, v)) if backend == "triton" else \
-            (lambda f: (lambda: f(q, k, v)))(_sdpa(backend.split("_", 1)[1]))
+            (lambda f: (lambda: f(q, k, v)))(attn_registry._BACKENDS[backend])
         _gpu_bench(benchmark, fn, rec)
 
 

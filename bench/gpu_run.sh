@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call that runs several benchmark stages in order, each under its own time limit, so a
+# hang or crash in one stage does not lose the others. Results (JSON) and logs go to $OUT (or
+# bench/results when OUT is unset). Usage:  bash bench/gpu_run.sh STAGE[:SECONDS] ...
+#   stages: env, tests, kernels, dit448, dit704, compile, vae, offload, profile, fp8
+set -u
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export S2V_BENCH_OUT=$OUT PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+if [ "${1:-}" != "--one" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+stage() {
+  case "$1" in
+    env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+         python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" ;;
+    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_path.py ;;
+    kernels) python3 bench/bench_kernels.py --quick ;;
+    dit448) python3 bench/bench_dit.py --sizes 448x832 --modes forward,reference,fast ;;
+    dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --iters 2 --topic dit704 ;;
+    compile) python3 bench/bench_dit.py --sizes 448x832 --modes fast,compile --topic dit_compile ;;
+    vae) python3 bench/bench_vae.py ;;
+    offload) python3 bench/bench_offload.py ;;
+    profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
+    fp8) python3 bench/bench_fp8.py ;;
+    *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+if [ "${1:-}" = "--one" ]; then stage "$2"; exit $?; fi
+for spec in "$@"; do
+  name=${spec%%:*}; secs=${spec#*:}; [ "$secs" = "$spec" ] && secs=600
+  echo "=== stage $name (limit ${secs}s) $(date +%T)"
+  t0=$(date +%s)
+  timeout -k 10 "$secs" bash "$0" --one "$name" 2>&1 | tee -a "$OUT/log.txt"
+  echo "=== stage $name rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/log.txt"
+done
