@@ -9,6 +9,7 @@ Setup: Wan2.2-S2V-14B config with random bf16 weights drawn on the GPU (bench/di
   in ``reference`` precision, recomputing every step-invariant input at every call.
 * ``fast``: the default path: conditions prepared once per clip (``prepare_conditions``, reported
   as ``prepare_ms``), then ``forward_step`` in ``fast`` precision (Triton kernels, caches).
+* ``fast_sep_gelu``: ``fast`` with the FFN GELU as its own kernel instead of the GEMM epilogue.
 * ``compile``: ``torch.compile`` of each block (reference math) with the prepared conditions;
   the alternative to the hand-fused path (issue 5 asks which is faster).
 
@@ -41,7 +42,7 @@ from s2v_fast.kernels import attention as attn  # noqa: E402
 from s2v_fast.profiling.flops import dit_forward_flops, s2v_token_counts  # noqa: E402
 
 GEMM_TFLOPS, ATTN_TFLOPS = 790.0, 627.0  # measured H100 bf16 ceilings (performance.md)
-MODES = ("forward", "reference", "fast", "compile")
+MODES = ("forward", "reference", "fast", "fast_sep_gelu", "compile")
 
 
 def _sync(dev):
@@ -120,7 +121,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         t = time_ms(lambda: model(**inp1), dev, args.warmup, args.iters)
         row(f"{prefix}_forward_{tag}_bf16", t, 1, precision="reference", motion=True)
 
-    if "reference" in modes or "fast" in modes or "compile" in modes:
+    if any(m in modes for m in ("reference", "fast", "fast_sep_gelu", "compile")):
         model.precision = "reference"
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         outs["reference"] = model(**inp2)
@@ -145,6 +146,20 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         if "reference" in modes:
             ref_ms = next(q["median_ms"] for q in rows if q["name"].endswith("_reference"))
             r["speedup_vs_reference"] = round(ref_ms / r["median_ms"], 3)
+        del cond
+
+    if "fast_sep_gelu" in modes:
+        from s2v_fast.models import fast_path
+
+        model.precision, fast_path.GELU_EPILOGUE = "fast", False
+        try:
+            cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
+            out = model.forward_step(x, tt, cond)
+            t = time_ms(lambda: model.forward_step(x, tt, cond), dev, args.warmup, args.iters)
+            row(f"{prefix}_step_{tag}_fast_sep_gelu", t, 2, precision="fast", gelu="separate kernel",
+                **compare(out, outs["reference"]))
+        finally:
+            fast_path.GELU_EPILOGUE = True
         del cond
 
     if "compile" in modes:

@@ -17,8 +17,8 @@ stage() {
          python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" ;;
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_path.py ;;
     kernels) python3 bench/bench_kernels.py --quick ;;
-    dit448) python3 bench/bench_dit.py --sizes 448x832 --modes forward,reference,fast ;;
-    dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --iters 2 --topic dit704 ;;
+    dit448) python3 bench/bench_dit.py --sizes 448x832 --modes forward,reference,fast,fast_sep_gelu ;;
+    dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --warmup 0 --iters 2 --topic dit704 ;;
     compile) python3 bench/bench_dit.py --sizes 448x832 --modes fast,compile --topic dit_compile ;;
     vae) python3 bench/bench_vae.py ;;
     offload) python3 bench/bench_offload.py ;;

@@ -1,9 +1,10 @@
-"""Command line: ``s2v-fast generate`` (also ``python -m s2v_fast generate``).
+"""Command line: ``s2v-fast generate`` and ``s2v-fast profile`` (also ``python -m s2v_fast``).
 
-All generate flags are added by :func:`add_generate_args` so that later subcommands (``profile``)
-and later features (parallel sizes, offload, attention backend, quantisation, profiler) extend one
-place. Errors a user can fix print one line and exit with code 2 (``--debug`` shows the
-traceback); Ctrl-C exits with 130 after keeping the finished clips; other failures exit with 1.
+All generate flags are added by :func:`add_generate_args`, so every subcommand that runs a
+generation shares them (model, inputs, sampling, precision / attention backend, offload,
+multi-GPU degrees, profiling). Under ``torchrun`` every rank runs the same command; rank 0 prints
+and writes the MP4. Errors a user can fix print one line and exit with code 2 (``--debug`` shows
+the traceback); Ctrl-C exits with 130 after keeping the finished clips; other failures exit with 1.
 """
 from __future__ import annotations
 
@@ -55,8 +56,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    """Every flag of ``generate``; reused by other subcommands that run a generation."""
+def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None:
+    """Every flag of ``generate``; reused by other subcommands that run a generation
+    (``profile=True``: ``--profile-dir`` is required)."""
+    from .kernels.attention import BACKEND_CHOICES
+    from .parallel.config import add_parallel_args
+    from .profiling.session import add_profiling_arguments
+    from .runtime import default_attention_backend
+
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, Hugging Face repo id, or 'tiny' (built-in random "
@@ -64,6 +71,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: auto = cuda if available)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="DiT/latent precision (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--precision", choices=["fast", "reference"], default=None,
+                   help="DiT path: fast (fused Triton kernels, per-clip caches) or reference "
+                        "(the official op order) (default: fast on CUDA, reference on CPU)")
+    g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
+                   help="attention kernels; auto times the available ones per shape on CUDA "
+                        "(default: $S2V_ATTENTION_BACKEND or auto)")
 
     g = p.add_argument_group("inputs")
     g.add_argument("--image", required=True, help="reference image (PNG/JPEG)")
@@ -99,15 +112,23 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory")
     g.add_argument("--vae-use-slicing", action="store_true", help="decode the VAE batch one sample at a time")
     g.add_argument("--vae-use-tiling", action="store_true", help="VAE encode/decode in spatial tiles (less memory)")
+    g.add_argument("--enable-cpu-offload", action="store_true",
+                   help="keep every model in pinned host memory and on the GPU only during its "
+                        "stage; the encoders are freed after use")
+    g.add_argument("--enable-layerwise-offload", action="store_true",
+                   help="as --enable-cpu-offload, and stream the DiT blocks from host memory one "
+                        "at a time (lowest GPU memory; needs --precision reference for now)")
 
-    from .profiling.session import add_profiling_arguments
-
-    add_profiling_arguments(p)
+    add_parallel_args(p)
+    add_profiling_arguments(p, require_dir=profile)
 
     g = p.add_argument_group("output")
     g.add_argument("--output", default=DEFAULT_OUTPUT, help=f"MP4 file to write (default: {DEFAULT_OUTPUT})")
     g.add_argument("--debug", action="store_true", help="show full tracebacks")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+PROFILE_DEFAULTS = {"num_inference_steps": 1, "num_clips": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video from a reference image and audio, clip by clip, into an MP4.")
     add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser(
+        "profile", help="profile a short generation (1 step, 1 clip) into --profile-dir",
+        description="generate --profile-dir DIR with short defaults (--num-inference-steps 1, "
+                    "--num-clips 1): writes trace_rank{r}.json.gz, ops_rank{r}.xlsx, ... to DIR. "
+                    "Takes every generate flag.")
+    add_generate_args(prof, profile=True)
+    for action in prof._actions:  # say the profile defaults in --help
+        if action.dest in PROFILE_DEFAULTS:
+            action.default = PROFILE_DEFAULTS[action.dest]
+            action.help = (action.help or "").split(" (default")[0] + \
+                f" (default here: {PROFILE_DEFAULTS[action.dest]})"
+    prof.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -224,7 +258,31 @@ def precheck_inputs(args) -> None:
         media.read_pose_video(args.pose_video, 64, 64, num_frames=1)
 
 
+def prepare_options(args, device, log) -> dict:
+    """Check the precision / attention / offload / multi-GPU flags (no weights loaded) and
+    return the matching ``S2VPipeline.from_pretrained`` keyword arguments."""
+    from .runtime import (OFFLOAD_FLAGS, apply_attention_backend, offload_mode_from_flags,
+                          parallel_config_from_args, resolve_precision)
+
+    offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
+    apply_attention_backend(args.attention_backend, device)
+    parallel = parallel_config_from_args(args)
+    precision, note = resolve_precision(args.precision, device, offload=offload, parallel=parallel)
+    if note:
+        log(f"note: {note}")
+    if offload is not None and device.type != "cuda":
+        log(f"note: {OFFLOAD_FLAGS[offload]} only saves GPU memory; on {device} it just copies "
+            "weights between host buffers")
+    if parallel is not None:
+        log(f"Multi-process run: {parallel.describe()} over {os.environ.get('WORLD_SIZE', '1')} "
+            f"process(es)")
+    return dict(precision=precision, offload=offload, free_encoders=offload is not None,
+                parallel=parallel)
+
+
 def cmd_generate(args) -> int:
+    """``generate`` and ``profile`` (the same run; profile has short defaults and a profile dir)."""
+    from .parallel.config import destroy_distributed
     from .pipeline import S2VPipeline
     from .profiling.session import ProfileOptions, run_profiled
 
@@ -233,23 +291,29 @@ def cmd_generate(args) -> int:
         args.max_area = parse_max_area(TINY_MAX_AREA if args.model == "tiny" else DEFAULT_MAX_AREA)
     if args.model == "tiny":
         log(TINY_NOTE)
+    args.identical_on_all_ranks = True  # an error before loading: every rank reports the same
     device = resolve_device(args.device)
+    options = prepare_options(args, device, log)
     precheck_inputs(args)
     profile = ProfileOptions.from_args(args)  # validates --profile-dir before any heavy work
+    args.identical_on_all_ranks = False
 
-    t0 = time.perf_counter()
-    log(f"Loading {args.model} on {device} ...")
-    pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
-    vae = pipe.vae
-    if args.vae_use_slicing:
-        setattr(vae, "use_slicing", True)
-    if args.vae_use_tiling:
-        if hasattr(vae, "enable_tiling"):
-            vae.enable_tiling()
-        else:
-            setattr(vae, "use_tiling", True)
-    log(f"Loaded in {time.perf_counter() - t0:.1f} s")
+    try:
+        t0 = time.perf_counter()
+        log(f"Loading {args.model} on {device} ...")
+        pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **options)
+        if args.vae_use_slicing:
+            pipe.vae.enable_slicing()
+        if args.vae_use_tiling:
+            pipe.vae.enable_tiling()
+        log(f"Loaded in {time.perf_counter() - t0:.1f} s (precision {pipe.precision})")
+        return _run(pipe, args, profile, run_profiled)
+    finally:
+        if options["parallel"] is not None:
+            destroy_distributed()
 
+
+def _run(pipe, args, profile, run_profiled) -> int:
     progress = ProgressDisplay(enabled=not args.quiet)
 
     def run(stage_timer):
@@ -314,11 +378,15 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
+    rank = os.environ.get("RANK", "0")
 
     def fail(msg, code):
+        if rank != "0" and getattr(args, "identical_on_all_ranks", False):
+            return code  # torchrun: rank 0 says it once
         if debug:
             traceback.print_exc()
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        where = f"[rank {rank}] " if rank != "0" else ""
+        print(f"error: {where}{msg}", file=sys.stderr, flush=True)
         return code
 
     from .pipeline import GenerationInterrupted, PartialOutputError

@@ -288,7 +288,7 @@ class S2VPipeline:
     """
 
     def __init__(self, dit, vae, text_encoder=None, audio_encoder=None, *, device=None,
-                 dtype=None, model_path: Optional[str] = None):
+                 dtype=None, model_path: Optional[str] = None, parallel=None):
         self.dit = dit
         self.vae = vae
         self.text_encoder = text_encoder
@@ -298,37 +298,183 @@ class S2VPipeline:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model_path = model_path
         self.cfg_batch = True  # CFG branches as one batch-2 DiT call (set False for two calls)
+        self.offloader = None  # s2v_fast.offload.ModelOffloader once offload is enabled
+        self.offload_mode: Optional[str] = None  # None, "cpu" or "layerwise"
+        self.free_encoders = False  # release the encoders after their stage (offload only)
+        self._freed: set = set()
+        self.parallel = None  # s2v_fast.parallel.ParallelState of a multi-process run
+        if parallel is not None:
+            self._attach_parallel(parallel)
 
     # -------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
-                        audio_device=None, cache_dir: Optional[str] = None,
+                        precision: Optional[str] = None, attention_backend: Optional[str] = None,
+                        offload: Optional[str] = None, free_encoders: bool = False,
+                        parallel=None, audio_device=None, cache_dir: Optional[str] = None,
                         load_text_encoder: bool = True, load_audio_encoder: bool = True):
         """Load every component from ``model``: ``"tiny"``, a local checkpoint directory in the
         official layout, or a Hugging Face repo id (downloaded on first use).
 
         ``device``: default CUDA when available, else CPU. ``dtype``: default bf16 on CUDA, fp32 on
         the CPU. The wav2vec2 audio encoder runs in fp32 (on ``audio_device``, default ``device``).
+        ``precision``: the DiT path, ``"fast"`` (fused Triton kernels) or ``"reference"``; default
+        fast on CUDA, reference on the CPU or with options fast does not support yet.
+        ``attention_backend``: calls ``kernels.attention.set_attention_backend`` (process-wide).
+        ``offload``: ``"cpu"`` (:meth:`enable_cpu_offload`) or ``"layerwise"``
+        (:meth:`enable_layerwise_offload`); the weights are then loaded into host memory, never
+        all onto the GPU at once. ``free_encoders``: with offload, drop the text / audio encoders
+        after their first use (a pipeline that generates once).
+        ``parallel``: a :class:`~s2v_fast.parallel.ParallelConfig` (under torchrun;
+        torch.distributed is initialised here, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) or
+        an existing :class:`~s2v_fast.parallel.ParallelState`. Every option is checked (one-line
+        :class:`InputError`) before any weights are read.
         """
         from . import hub
         from .models.audio_features import AudioFeatureExtractor
         from .models.dit import S2VTransformer
         from .models.text_encoder import TextEncoder
         from .models.vae import WanVAE
+        from .runtime import (apply_attention_backend, check_offload_mode, init_parallel,
+                              resolve_precision, validate_parallel_for_model)
 
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
+        offload = check_offload_mode(offload)
+        if attention_backend is not None:
+            apply_attention_backend(attention_backend, device)
+        pconf = getattr(parallel, "config", parallel)  # ParallelState -> its ParallelConfig
+        precision, _ = resolve_precision(precision, device, offload=offload, parallel=pconf)
         path = hub.resolve_model(model, cache_dir=cache_dir)
+        state = None
+        if parallel is not None:
+            validate_parallel_for_model(pconf, path, getattr(parallel, "world_size", None))
+            state = init_parallel(parallel, device)
+            if device.type == "cuda":
+                device = state.device  # cuda:LOCAL_RANK
+            if state.world_size == 1:
+                state = None
+        # With offload every weight goes to host memory first: the GPU never holds them all.
+        load_device = torch.device("cpu") if offload else device
+        tp = state.config.tensor_parallel_size if state is not None else 1
         timer = _default_stage_timer()
         with timer.stage("model_load"), _no_transformers_progress_bars():
-            dit = S2VTransformer.from_pretrained(path, device=device, dtype=dtype)
-            vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=device, dtype=torch.float32)
-            text = (TextEncoder.from_pretrained(path, device=device, dtype=dtype)
+            if tp > 1:  # read only this rank's slices of the sharded weights
+                from .parallel import load_dit_sharded
+
+                dit = load_dit_sharded(path, state.tp_rank, tp, device=load_device, dtype=dtype)
+            else:
+                dit = S2VTransformer.from_pretrained(path, device=load_device, dtype=dtype)
+            dit.precision = precision
+            vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
+                                   dtype=torch.float32)
+            text = (TextEncoder.from_pretrained(path, device=load_device, dtype=dtype)
                     if load_text_encoder else None)
             audio = (AudioFeatureExtractor.from_pretrained(
                 os.path.join(path, hub.WAV2VEC_DIR), device=audio_device or device)
                 if load_audio_encoder else None)
-        return cls(dit, vae, text, audio, device=device, dtype=dtype, model_path=path)
+            pipe = cls(dit, vae, text, audio, device=device, dtype=dtype, model_path=path,
+                       parallel=state)
+            if offload is not None:
+                pipe._enable_offload(offload, free_encoders)
+        return pipe
+
+    # -------------------------------------------------------------------------------- options
+    @property
+    def dit_module(self):
+        """The DiT ``nn.Module`` (inside the multi-GPU wrapper when there is one)."""
+        return self.dit.model if self.parallel is not None else self.dit
+
+    @property
+    def precision(self) -> str:
+        """DiT path: ``"fast"`` (fused Triton kernels, per-clip caches) or ``"reference"``."""
+        return getattr(self.dit_module, "precision", "reference")
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        from .runtime import PRECISIONS, fast_precision_blocker
+
+        if value not in PRECISIONS:
+            raise InputError(f"precision {value!r}: use fast or reference")
+        if value == "fast":
+            why = fast_precision_blocker(self.offload_mode,
+                                         self.parallel.config if self.parallel is not None else None)
+            if why:
+                raise InputError(f"{why}; use --precision reference")
+        self.dit_module.precision = value
+
+    def enable_cpu_offload(self, free_encoders: bool = False) -> "S2VPipeline":
+        """Model-level offload (``--enable-cpu-offload``): every component (DiT, VAE, text and
+        audio encoders) waits in pinned host memory and is on the GPU only while its stage runs;
+        each stage moves the one it needs. ``free_encoders=True`` drops the encoders after their
+        first use. Weights are read-only while offloaded. On a CPU device the same bookkeeping
+        runs (copies between host buffers) and saves nothing."""
+        return self._enable_offload("cpu", free_encoders)
+
+    def enable_layerwise_offload(self, free_encoders: bool = False) -> "S2VPipeline":
+        """``--enable-layerwise-offload``: as :meth:`enable_cpu_offload`, and the DiT blocks stay
+        in pinned host memory during denoising too: two block-sized GPU buffers, the next block
+        copied on a side stream while the current one runs. Needs ``precision="reference"``
+        until the fused fast path supports the per-block hooks."""
+        return self._enable_offload("layerwise", free_encoders)
+
+    def _enable_offload(self, mode: str, free_encoders: bool) -> "S2VPipeline":
+        from .offload import ModelOffloader, enable_layerwise_offload
+        from .runtime import fast_precision_blocker
+
+        if self.offloader is not None:
+            raise S2VError(f"offload ({self.offload_mode}) is already enabled on this pipeline")
+        if self.precision == "fast":
+            why = fast_precision_blocker(mode)
+            if why:
+                raise InputError(f"{why}; set precision='reference' first")
+        off = ModelOffloader(self.device)
+        if mode == "layerwise":
+            enable_layerwise_offload(self.dit_module, self.device)
+        off.register("dit", self.dit_module)
+        off.register("vae", getattr(self.vae, "vae", self.vae))  # the VAE inside VAEPatchParallel
+        if self.text_encoder is not None:
+            off.register("text_encoder", self.text_encoder)
+        audio = self.audio_encoder
+        if audio is not None and torch.device(getattr(audio, "device", self.device)) == self.device:
+            off.register("audio_encoder", audio)  # (an encoder on its own audio_device stays)
+        self.offloader, self.offload_mode, self.free_encoders = off, mode, bool(free_encoders)
+        return self
+
+    def _on_device(self, name: str):
+        """Context in which component ``name`` is on the device (no-op without offload)."""
+        off = self.offloader
+        if off is None or name not in off:
+            return contextlib.nullcontext()
+        return off.use(name)
+
+    def _done_with(self, name: str) -> None:
+        """After an encoder's stage: release it when ``free_encoders`` asks for it."""
+        off = self.offloader
+        if off is not None and self.free_encoders and name in off:
+            off.release(name)
+            setattr(self, name, None)
+            self._freed.add(name)
+
+    def _no_component(self, name: str, hint: str) -> S2VError:
+        if name in self._freed:
+            return S2VError(f"the {name.replace('_', ' ')} was freed after its first use "
+                            f"(free_encoders=True); {hint}, or load the pipeline again")
+        return S2VError(f"this pipeline has no {name.replace('_', ' ')}; {hint}")
+
+    def _attach_parallel(self, state) -> None:
+        """Multi-process run: TP/SP DiT transform, VAE patch parallel (see docs/multi_gpu.md)."""
+        from .parallel import VAEPatchParallel, parallelize
+
+        self.parallel = state
+        self.dit = parallelize(self.dit, state)
+        if state.config.vae_patch_parallel_size > 1:
+            self.vae = VAEPatchParallel(self.vae, state.vae_group)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 (or a single process): writes the MP4."""
+        return self.parallel is None or self.parallel.is_main
 
     # -------------------------------------------------------------------------------- stages
     def select_size(self, image_hw, height=None, width=None, max_area=DEFAULT_MAX_AREA):
@@ -346,12 +492,13 @@ class S2VPipeline:
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None):
         """(context, context_null): unpadded [L, text_dim] contexts of the prompt and negative prompt."""
         if self.text_encoder is None:
-            raise S2VError("this pipeline has no text encoder; pass prompt_embeds= and negative_prompt_embeds=")
+            raise self._no_component("text_encoder", "pass prompt_embeds= and negative_prompt_embeds=")
         from .models.text_encoder import DEFAULT_NEGATIVE_PROMPT
 
         if not negative_prompt:  # reference: "" means the S2V default negative prompt
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
-        ctx, ctx_null = self.text_encoder.encode([prompt, negative_prompt])
+        with self._on_device("text_encoder"):
+            ctx, ctx_null = self.text_encoder.encode([prompt, negative_prompt])
         return ctx, ctx_null
 
     def load_audio(self, audio):
@@ -368,12 +515,13 @@ class S2VPipeline:
     def audio_features(self, wave) -> torch.Tensor:
         """wav2vec2 hidden states of all 25 layers at 50 Hz: [25, T_a, D] float32 (§5.1)."""
         if self.audio_encoder is None:
-            raise S2VError("this pipeline has no audio encoder; pass audio_feats_50hz=")
+            raise self._no_component("audio_encoder", "pass audio_feats_50hz=")
         # The reference runs wav2vec2 in fp32 on the CPU; on a GPU keep its convs out of TF32.
         prev = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            return self.audio_encoder(wave)
+            with self._on_device("audio_encoder"):
+                return self.audio_encoder(wave)
         finally:
             torch.backends.cudnn.allow_tf32 = prev
 
@@ -408,10 +556,12 @@ class S2VPipeline:
         return frames[:, :, :total_frames]
 
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video.to(self.device, torch.float32))
+        with self._on_device("vae"):
+            return self.vae.encode(video.to(self.device, torch.float32))
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.device, torch.float32))
+        with self._on_device("vae"):
+            return self.vae.decode(latents.to(self.device, torch.float32))
 
     def zero_motion_latents(self, height: int, width: int) -> torch.Tensor:
         """VAE encode of the all-zero 73-frame motion buffer, cached per size (it depends on
@@ -442,11 +592,17 @@ class S2VPipeline:
 
     def make_denoiser(self, *, context, context_null, ref_latents, motion_latents, cond,
                       audio_input, drop_motion: bool, guidance_scale: float) -> "CFGDenoiser":
-        """The per-clip velocity function (CFG over text + audio, spec §8.5)."""
-        return CFGDenoiser(self.dit, self.dtype, guidance_scale, self.cfg_batch, context=context,
-                           context_null=context_null, ref_latents=ref_latents,
-                           motion_latents=motion_latents, cond=cond, audio_input=audio_input,
-                           drop_motion=drop_motion)
+        """The per-clip velocity function (CFG over text + audio, spec §8.5); CFG parallel (one
+        branch per rank) when the pipeline runs with ``cfg_parallel_size == 2``."""
+        inputs = dict(context=context, context_null=context_null, ref_latents=ref_latents,
+                      motion_latents=motion_latents, cond=cond, audio_input=audio_input,
+                      drop_motion=drop_motion)
+        if self.parallel is not None:
+            from .parallel import make_denoiser
+
+            return make_denoiser(self.dit, self.parallel, self.dtype, guidance_scale,
+                                 self.cfg_batch, **inputs)
+        return CFGDenoiser(self.dit, self.dtype, guidance_scale, self.cfg_batch, **inputs)
 
     # -------------------------------------------------------------------------------- clip loop
     @torch.inference_mode()
@@ -528,7 +684,7 @@ class S2VPipeline:
                 # Denoising loop. Step-invariant DiT inputs (text, audio, ref/motion/pose tokens)
                 # are prepared once per clip; the math per step is the reference's.
                 t_start = time.perf_counter()
-                with timer.stage("denoise", clip=r):
+                with timer.stage("denoise", clip=r), self._on_device("dit"):
                     denoiser = self.make_denoiser(
                         context=context, context_null=context_null, ref_latents=ref_latents,
                         motion_latents=motion_latents, cond=cond, audio_input=audio_input,
@@ -629,6 +785,8 @@ class S2VPipeline:
             from .media import check_output_writable
 
             check_output_writable(output)
+            if not self.is_main_process:  # multi-process: rank 0 writes the MP4
+                output = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -644,6 +802,7 @@ class S2VPipeline:
             wave = self.load_audio(audio) if audio is not None else None
             if audio_feats_50hz is None:
                 audio_feats_50hz = self.audio_features(wave)
+                self._done_with("audio_encoder")
             audio_emb, clips_from_audio = self.bucket_audio(audio_feats_50hz, num_frames)
         audio_seconds = (len(wave) / AUDIO_SAMPLE_RATE if wave is not None
                          else audio_feats_50hz.shape[1] / AUDIO_FPS_IN)
@@ -659,6 +818,9 @@ class S2VPipeline:
             total_frames = frames_for_clips(n_clips, num_frames, not init_first_frame)
             if max_frames is not None:
                 total_frames = min(total_frames, max_frames)
+            if self.parallel is not None:  # every rank must run the same clips with the same seed
+                seed, n_clips, max_frames, total_frames = _from_rank0(
+                    seed, n_clips, max_frames, total_frames)
 
             # 3. Text contexts: prompt and negative prompt (default: the S2V negative prompt).
             with timer.stage("text_encode"):
@@ -667,6 +829,7 @@ class S2VPipeline:
                     enc, enc_null = self.encode_prompt(prompt, negative_prompt)
                     context = enc if context is None else context
                     context_null = enc_null if context_null is None else context_null
+                    self._done_with("text_encoder")
 
             # 4. Pose frames (optional), for exactly the clips that will run.
             pose_frames = None
@@ -712,6 +875,9 @@ class S2VPipeline:
         except BaseException as exc:
             self._handle_failure(exc, writer, clips_done, n_clips, frames_done, output)
             raise
+        finally:
+            if self.offloader is not None:  # nothing stays on the GPU between generations
+                self.offloader.offload_all()
 
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         result = S2VOutput(
@@ -774,6 +940,17 @@ def _no_transformers_progress_bars():
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def _from_rank0(*values):
+    """Rank 0's values on every rank (one broadcast over the default process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    box = list(values)
+    dist.broadcast_object_list(box, src=0)
+    return tuple(box)
 
 
 def _one_line(exc: BaseException) -> str:

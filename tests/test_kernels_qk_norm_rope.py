@@ -36,12 +36,12 @@ def make(B, L, H, D, seed=0, fused_qkv=True):
 def assert_bf16_close(got, ref, max_frac=0.01):
     # sum-of-squares order and fp32 (kernel) vs fp64 (reference) rotation: <= 1 bf16 ulp, rarely.
     # A 1-ulp difference of the normalised value before the rotation (the rstd differs in its last
-    # fp32 bit, seen about once in 1e8 elements on the H100 at 32,760 tokens) becomes several ulps
-    # of a small rotated value (a cos - b sin cancels), so those are bounded by one bf16 ulp of the
-    # head vector's largest value instead (2^-8 relative).
+    # fp32 bit; seen on the H100 at 32,760 tokens) is up to 2^-7 of that value and becomes several
+    # ulps of a small rotated value (a cos - b sin cancels), so those are bounded by two bf16 ulps of
+    # the head vector's largest value instead (2^-6 relative); a wrong index or angle is far larger.
     d = bf16_ulps(got, ref)
     head_max = ref.double().abs().amax(dim=-1, keepdim=True)
-    near = (got.double() - ref.double()).abs() <= 2.0 ** -8 * head_max
+    near = (got.double() - ref.double()).abs() <= 2.0 ** -6 * head_max
     assert ((d <= 1) | near).all() and (d > 0).float().mean().item() < max_frac
 
 

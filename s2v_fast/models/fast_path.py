@@ -7,7 +7,8 @@ changes is how it is executed:
   the fp32 RoPE cos/sin table, the text cross-attention K/V of every block (per prompt), and for
   every audio injector the AdaLN (shift, scale) and the K/V of the 5 audio tokens per frame.
 * Memory-bound chains run as single Triton kernels (``s2v_fast/kernels``):
-  norm1/norm2 + adaLN modulation -> bf16; q/k full-width RMSNorm + RoPE -> bf16;
+  norm1/norm2 + adaLN modulation -> bf16; q/k full-width RMSNorm + RoPE -> bf16; the
+  cross-attention and audio q RMSNorm;
   self-attention gated residual + norm3 (affine); cross-attention residual + norm2 modulation;
   FFN gated residual; audio LN + per-frame AdaLN; per-frame audio cross-attention (5 keys, in
   registers); audio residual add.
@@ -16,8 +17,9 @@ changes is how it is executed:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,9 @@ from ..kernels.gated_residual import (
 )
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
+from ..kernels.rms_norm import rms_norm
 from ..profiling.ranges import trace_range
-from .block import linear, rms_norm
+from .block import linear
 
 
 @dataclass
@@ -69,6 +72,21 @@ def build_clip_cache(model, cond) -> ClipCache:
     return cache
 
 
+# FFN up-projection + tanh-GELU in one cuBLASLt call (GELU applied to the fp32 accumulator in the
+# GEMM epilogue, then one bf16 rounding; the reference rounds before the GELU: <= 1 bf16 ulp of
+# the activation). S2V_GELU_EPILOGUE=0 keeps the separate GELU kernel.
+GELU_EPILOGUE = os.environ.get("S2V_GELU_EPILOGUE", "1") != "0"
+
+
+def linear_gelu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    w = layer.weight
+    if GELU_EPILOGUE and x.is_cuda and w.dtype == torch.bfloat16 and layer.bias is not None:
+        x2 = x.to(w.dtype).reshape(-1, x.shape[-1])
+        y = torch._addmm_activation(layer.bias, x2, w.t(), use_gelu=True)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+    return F.gelu(linear(x, layer), approximate="tanh")
+
+
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads))
 
@@ -101,7 +119,7 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
     x, h2 = residual_add_norm_modulate(x, yc, shift_ff, scale_ff, split, eps=block.eps,
                                        out_dtype=block.ffn[0].weight.dtype)
     with trace_range("ffn"):
-        f = F.gelu(linear(h2, block.ffn[0]), approximate="tanh")
+        f = linear_gelu(h2, block.ffn[0])
         y2 = linear(f, block.ffn[2])
     return gated_residual(x, y2, gate_ff, split)
 

@@ -15,6 +15,8 @@ Every rank returns the full velocity, so the scheduler step runs replicated.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -64,16 +66,10 @@ class ParallelDiT:
         audio injection runs on whole local frames)."""
         if getattr(self.model, "precision", "reference") != "fast":
             return
-        cfg = self.state.config
-        if cfg.tensor_parallel_size > 1:
-            raise S2VError("precision 'fast' does not support --tensor-parallel-size > 1 yet; "
-                           "use reference precision or sequence/CFG parallel")
+        reason = fast_precision_unsupported(self.state.config)
+        if reason:
+            raise S2VError(f"{reason}; use reference precision (--precision reference)")
         if isinstance(cond, ShardConditions):
-            from ..models import fast_path
-
-            if not getattr(fast_path, "SUPPORTS_SEQUENCE_PARALLEL", False):
-                raise S2VError("precision 'fast' does not support --ulysses-degree/--ring-degree "
-                               "yet; use reference precision or --cfg-parallel-size")
             plan = cond.plan
             if not all(plan.frame_aligned(i) for i in range(plan.parts)):
                 raise S2VError(f"precision 'fast' needs frame-aligned sequence shards, got token "
@@ -118,6 +114,19 @@ class ParallelDiT:
                                        audio_input, drop_motion_frames, num_frames=x.shape[2],
                                        batch_size=x.shape[0])
         return self.forward_step(x, t, cond)
+
+
+def fast_precision_unsupported(config) -> Optional[str]:
+    """Why precision 'fast' cannot run with this ParallelConfig (None when it can); the reason
+    names the flag. Checked before loading (pipeline) and at every step (ParallelDiT)."""
+    if config.tensor_parallel_size > 1:
+        return "precision 'fast' does not support --tensor-parallel-size > 1 yet"
+    if config.sp_degree > 1:
+        from ..models import fast_path
+
+        if not getattr(fast_path, "SUPPORTS_SEQUENCE_PARALLEL", False):
+            return "precision 'fast' does not support --ulysses-degree/--ring-degree > 1 yet"
+    return None
 
 
 def gather_sequence(h: torch.Tensor, lengths, group) -> torch.Tensor:

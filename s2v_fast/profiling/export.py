@@ -34,7 +34,9 @@ _RULES = [
         r"|c10d::|ncclkernel|sendrecv|gloo")),
     ("copies", re.compile(r"memcpy|memset|\[memory\]")),
     # our fused Triton kernels (names from s2v_fast.kernels)
-    ("norm and modulation", re.compile(r"norm_modulate|qk_norm_rope|gated_residual|modulat")),
+    ("norm and modulation", re.compile(
+        r"norm_modulate|qk_norm_rope|gated_residual|residual_norm|residual_add|rms_norm_kernel|modulat")),
+    ("attention", re.compile(r"_frame_attn|fp8_attn|_attn_fwd")),
     ("attention", re.compile(
         r"flash|fmha|sdpa|_attn_fwd|attn_fwd|attention|softmax|cudnn_generated_fort_native|xformers|sageattn|sage_attn|qk_int8")),
     ("norm and modulation", re.compile(
@@ -187,9 +189,14 @@ def _is_device_event(e) -> bool:
 
 def device_kernel_records(prof):
     """``[(kernel name, device time us)]`` for every device-side event (kernels, memcpy, memset)."""
+    from .ranges import range_names
+
+    ours = range_names()
     out = []
     for e in prof.events():
-        if _is_device_event(e):
+        # GPU-side copies of our named ranges (gpu_user_annotation) span kernels: not kernels
+        if (_is_device_event(e) and not getattr(e, "is_user_annotation", False)
+                and e.name not in ours and not e.name.startswith("stage:")):
             t = e.time_range.elapsed_us() if getattr(e, "time_range", None) is not None else 0
             out.append((e.name, float(t)))
     return out

@@ -1,0 +1,675 @@
+"""FP8 (e4m3) attention forward for Hopper, SageAttention-style; attention backend ``"fp8"``.
+
+Layout and contract as ``flash_attention.py``: q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16,
+last dim contiguous, any strides) -> [B, Lq, H, D] in q's dtype; non-causal, unmasked, scale
+1/sqrt(D) by default; D in (64, 128); any Lq, Lk (tails masked), Lq != Lk allowed.
+
+Algorithm (all of it in :func:`fp8_attention_reference` as plain torch, the exact emulation):
+
+1. K smoothing: ``k_c = k - mean_j k[b, j, h]`` (fp32 mean over the sequence per batch and head).
+   softmax is invariant to it: q . mean_k is the same for every key of a query row.
+2. Quantisation to e4m3 (round to nearest even; value * 448 / amax, so each row's largest
+   element is exact), one scale per row of 128 (or 64) channels:
+   * Q per token and head (finer than per block and free: the scale is a per-row factor in the
+     softmax FMA); the softmax scale and log2(e) are folded into Q's scale.
+   * K per token and head (measured on realistic activations: per-token K halves the relative
+     error of per-128-row-block K, 2.4 % vs 4.8 %, because outlier-channel elements, which
+     dominate the logits, are the row maxima and so exact; cost: one multiply per score).
+   * V (``pv="fp8"``) per channel (b, h, d) over the sequence, stored transposed [B, H, D, L]:
+     Hopper's fp8 wgmma needs its B operand K-major, and for P @ V the K dim is the key index.
+3. S = (q8 @ k8^T) [fp8 MMA, fp32 accumulate] * ks[key] * qs[query]; online softmax in fp32 with
+   exp2 over key blocks of BLOCK_N.
+4. P @ V: ``pv="fp8"`` (default): P is produced already times 448 (log2(448) folded into the
+   exp2 argument) and rounded to e4m3, V e4m3 per channel; the fp8 MMA accumulates each key block
+   into a fresh partial sum that is then added in fp32 (``max_num_imprecise_acc = BLOCK_N``:
+   Hopper's fp8 MMA accumulator keeps only ~14 bits, the two-level accumulation of
+   SageAttention2). ``pv="bf16"``: P rounded to bf16, original bf16 V (FlashAttention-style).
+   The row sum l uses the unrounded fp32 P in both modes; output = acc / l (* V channel scale).
+
+Why fp8 P.V is the default: on the realistic activations of :func:`make_realistic_qkv` it adds
+~0.2 percentage points of relative L2 on top of the ~2.5 % of the fp8 QK^T (errors add in
+quadrature), for twice the P.V MMA rate. ``pv="bf16"`` / env ``S2V_FP8_ATTN_PV=bf16`` is the
+more accurate and slower mode.
+
+Cost that benchmarks must include: one stats pass over K (and V), one quantise pass each over
+Q, K, V (4 reads and 3 fp8 writes of [L, H, D]), done by :func:`quantize_qkv`.
+
+Env: S2V_FP8_ATTN_CONFIG=<index> forces one FP8_CONFIGS entry; S2V_FP8_ATTN_AUTOTUNE=0 takes the
+first config that compiles. CPU: under TRITON_INTERPRET=1 the dots are upcast to fp32 (fp8 -> fp32
+is exact; bf16 dots are broken in the triton 3.9 interpreter) and the fp8 casts are rounded by
+hand (see fp8_gemm.e4m3_round), so the kernel computes the same numbers as on the GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import (
+    ensure_tma_allocator,
+    has_tensor_descriptor,
+    is_interpreter,
+    kernels_usable,
+    next_pow2,
+    range_supports_warp_specialize,
+    to_dtype,
+    triton,
+    tl,
+)
+from .fp8_gemm import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, _inv_and_scale, accuracy
+
+LOG2E = 1.4426950408889634
+LOG2_FP8_MAX = math.log2(FP8_MAX)
+PV_MODES = ("fp8", "bf16")
+DEFAULT_PV = "fp8"
+SUPPORTED_D = (64, 128)
+
+# Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors;
+# WS: warp-specialised KV loop (needs TMA); PROMOTE: two-level accumulation of the fp8 P.V MMA.
+FP8_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False, WS=False, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False, WS=False, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True, PROMOTE=True),
+    dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, WS=False, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=False, WS=False, PROMOTE=True),
+]
+_STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
+
+if triton is not None:
+    from .fp8_gemm import _rdiv, e4m3_round
+
+    @triton.jit
+    def _col_stats_kernel(
+        X, SUM, AMAX, L, C, D, sxb, sxl, sxh, n_chunks,
+        CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        DO_SUM: tl.constexpr, DO_AMAX: tl.constexpr,
+    ):
+        """Partial column sums / abs-max of X [B, L, H, D] over CHUNK rows -> [B, n_chunks, H*D]."""
+        chunk = tl.program_id(0)
+        cb = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        coff = (cols // D).to(tl.int64) * sxh + (cols % D)
+        base = X + b * sxb
+        acc_s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        r0 = chunk * CHUNK
+        for r in range(0, CHUNK, BLOCK_R):
+            rows = r0 + r + tl.arange(0, BLOCK_R)
+            m = (rows < L)[:, None] & cmask[None, :]
+            x = tl.load(base + rows.to(tl.int64)[:, None] * sxl + coff[None, :], mask=m, other=0.0).to(tl.float32)
+            if DO_SUM:
+                acc_s += x
+            if DO_AMAX:
+                acc_a = tl.maximum(acc_a, tl.abs(x))
+        out = (b * n_chunks + chunk) * C + cols
+        if DO_SUM:
+            tl.store(SUM + out, tl.sum(acc_s, axis=0), mask=cmask)
+        if DO_AMAX:
+            tl.store(AMAX + out, tl.max(acc_a, axis=0), mask=cmask)
+
+    @triton.jit
+    def _quant_rows_hd_kernel(
+        X, Y, S, MEAN, L, H, sxb, sxl, sxh, post,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, CENTER: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """Per-(token, head) e4m3 quantisation of X [B, L, H, D] (optionally minus MEAN [B*H, D])
+        -> Y [B*H, L, D] fp8 contiguous, S [B*H, L] = amax / 448 * post."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < L
+        rows64 = rows.to(tl.int64)
+        offs_d = tl.arange(0, D)
+        x = tl.load(X + b * sxb + h * sxh + rows64[:, None] * sxl + offs_d[None, :],
+                    mask=rmask[:, None], other=0.0).to(tl.float32)
+        if CENTER:
+            mean = tl.load(MEAN + bh.to(tl.int64) * D + offs_d)
+            x = x - mean[None, :]
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 7.888609052210118e-31)
+        inv = _rdiv(tl.full([BLOCK_R], 448.0, tl.float32), amax)
+        y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
+        ybase = bh.to(tl.int64) * L * D
+        tl.store(Y + ybase + rows64[:, None] * D + offs_d[None, :], e4m3_round(y, INTERPRET),
+                 mask=rmask[:, None])
+        scale = _rdiv(amax, tl.full([BLOCK_R], 448.0, tl.float32)) * post
+        tl.store(S + bh.to(tl.int64) * L + rows64, scale, mask=rmask)
+
+    @triton.jit
+    def _quant_v_kernel(
+        V, VT, INV, L, H, Lp, svb, svl, svh,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """Per-channel e4m3 quantisation of V [B, L, H, D] -> VT [B*H, D, Lp] (keys contiguous)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < L
+        rows64 = rows.to(tl.int64)
+        offs_d = tl.arange(0, D)
+        x = tl.load(V + b * svb + h * svh + rows64[:, None] * svl + offs_d[None, :],
+                    mask=rmask[:, None], other=0.0).to(tl.float32)
+        inv = tl.load(INV + bh.to(tl.int64) * D + offs_d)
+        y = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
+        vt = VT + bh.to(tl.int64) * D * Lp
+        tl.store(vt + offs_d.to(tl.int64)[None, :] * Lp + rows64[:, None], e4m3_round(y, INTERPRET),
+                 mask=rmask[:, None])
+
+    @triton.jit
+    def _fp8_attn_inner(
+        acc, l_i, m_i, q, qs,
+        k_src, v_src, ks_base, offs_n, offs_d, svl, Lk, lo, hi,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
+        WS: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            n_idx = start_n + offs_n
+            if TMA:
+                k = k_src.load([start_n, 0])
+            else:
+                kp = k_src + n_idx.to(tl.int64)[:, None] * D + offs_d[None, :]
+                if MASK_N:
+                    k = tl.load(kp, mask=n_idx[:, None] < Lk, other=0.0)
+                else:
+                    k = tl.load(kp)
+            if MASK_N:
+                ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0)
+            else:
+                ksc = tl.load(ks_base + n_idx)
+            if UPCAST:
+                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            s = qk * ksc[None, :]
+            if MASK_N:
+                s = tl.where(n_idx[None, :] < Lk, s, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(s, 1) * qs)
+            if PV_FP8:  # p * 448 straight from the exp2 (P's e4m3 scale folded in)
+                p = tl.math.exp2(s * qs[:, None] - (m_ij - 8.807354922057604)[:, None])
+            else:
+                p = tl.math.exp2(s * qs[:, None] - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if PV_FP8:
+                if TMA:
+                    vt = v_src.load([0, start_n])
+                else:
+                    vp = v_src + offs_d.to(tl.int64)[:, None] * svl + n_idx[None, :]
+                    if MASK_N:
+                        vt = tl.load(vp, mask=n_idx[None, :] < Lk, other=0.0)
+                    else:
+                        vt = tl.load(vp)
+                p8 = e4m3_round(p, INTERPRET)
+                if UPCAST:
+                    acc = tl.dot(p8.to(tl.float32), tl.trans(vt.to(tl.float32)), acc)
+                elif PROMOTE:
+                    acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
+                else:
+                    acc = tl.dot(p8, tl.trans(vt), acc)
+            else:
+                vp = v_src + n_idx.to(tl.int64)[:, None] * svl + offs_d[None, :]
+                if MASK_N:
+                    v = tl.load(vp, mask=n_idx[:, None] < Lk, other=0.0)
+                else:
+                    v = tl.load(vp)
+                p_lp = to_dtype(p, v.dtype, INTERPRET)
+                if UPCAST:
+                    acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(p_lp, v, acc)
+            m_i = m_ij
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fp8_attn_fwd_kernel(
+        Q8, QS, K8, KS, V, VS, O,
+        H, Lq, Lk, Lp, svb, svl, svh, sob, sol, soh,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr, WS: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
+        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        bh64 = bh.to(tl.int64)
+        b = bh64 // H
+        h = bh64 % H
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q_base = Q8 + bh64 * Lq * D
+        k_base = K8 + bh64 * Lk * D
+        if PV_FP8:
+            v_base = V + bh64 * D * Lp
+            svl_eff = Lp
+        else:
+            v_base = V + b * svb + h * svh
+            svl_eff = svl
+        if TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+            k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+            if PV_FP8:
+                v_src = tl.make_tensor_descriptor(v_base, shape=[D, Lk], strides=[Lp, 1], block_shape=[D, BLOCK_N])
+            else:
+                v_src = v_base
+            q = q_desc.load([start_m * BLOCK_M, 0])
+        else:
+            k_src = k_base
+            v_src = v_base
+            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
+                        mask=offs_m[:, None] < Lq, other=0.0)
+        qs = tl.load(QS + bh64 * Lq + offs_m, mask=offs_m < Lq, other=1.0)
+        ks_base = KS + bh64 * Lk
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fp8_attn_inner(
+            acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, 0, n_full,
+            D, BLOCK_N, False, TMA, WS, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+        if n_full < Lk:
+            acc, l_i, m_i = _fp8_attn_inner(
+                acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, n_full, Lk,
+                D, BLOCK_N, True, TMA, False, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+        o = acc / l_i[:, None]
+        if PV_FP8:
+            vs = tl.load(VS + bh64 * D + offs_d)
+            o = o * vs[None, :]
+        out = to_dtype(o, O.dtype.element_ty, INTERPRET)
+        tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :], out,
+                 mask=offs_m[:, None] < Lq)
+
+
+# ----------------------------------------------------------------------------- torch reference
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _bhld(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D] (view)
+
+
+def quantize_q_reference(q: torch.Tensor, softmax_scale: float):
+    """q [B, L, H, D] -> (e4m3 [B, H, L, D], fp32 scale [B, H, L] incl. softmax scale * log2 e)."""
+    x = _bhld(q).float()
+    amax = x.abs().amax(-1).clamp_min(AMAX_FLOOR)
+    inv, scale = _inv_and_scale(amax)
+    return _e4m3(x * inv[..., None]).contiguous(), scale * (softmax_scale * LOG2E)
+
+
+def k_mean_reference(k: torch.Tensor) -> torch.Tensor:
+    """fp32 mean of k [B, L, H, D] over the sequence -> [B, H, D]."""
+    return k.float().mean(dim=1)
+
+
+def quantize_k_reference(k: torch.Tensor, k_mean: torch.Tensor = None):
+    """k [B, L, H, D] -> (e4m3 [B, H, L, D] of k - mean, fp32 scale [B, H, L], mean [B, H, D])."""
+    km = k_mean_reference(k) if k_mean is None else k_mean.float()
+    x = _bhld(k).float() - km[:, :, None, :]
+    amax = x.abs().amax(-1).clamp_min(AMAX_FLOOR)
+    inv, scale = _inv_and_scale(amax)
+    return _e4m3(x * inv[..., None]).contiguous(), scale, km
+
+
+def quantize_v_reference(v: torch.Tensor, v_amax: torch.Tensor = None):
+    """v [B, L, H, D] -> (e4m3 [B, H, L, D], fp32 per-channel scale [B, H, D])."""
+    x = _bhld(v).float()
+    amax = (x.abs().amax(2) if v_amax is None else v_amax.float()).clamp_min(AMAX_FLOOR)
+    inv, scale = _inv_and_scale(amax)
+    return _e4m3(x * inv[:, :, None, :]).contiguous(), scale
+
+
+def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, block_n: int = 128,
+                            k_mean: torch.Tensor = None, v_amax: torch.Tensor = None,
+                            out_dtype=None) -> torch.Tensor:
+    """Pure-torch emulation of the fp8 kernel: same quantisation, same online-softmax blocking
+    (key blocks of ``block_n``), fp32 arithmetic; [B, Lq, H, D] -> [B, Lq, H, D] (q.dtype)."""
+    pv = pv or default_pv()
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out_dtype = out_dtype or q.dtype
+    if Lk == 0:
+        return torch.zeros_like(q, dtype=out_dtype)
+    q8, qs = quantize_q_reference(q, scale)
+    k8, ks, _ = quantize_k_reference(k, k_mean)
+    if pv == "fp8":
+        v8, vs = quantize_v_reference(v, v_amax)
+        vv = v8.float()
+    else:
+        vv = _bhld(v).float()
+    qf = q8.float()
+    m = torch.full((B, H, Lq), float("-inf"), device=q.device)
+    l = torch.zeros((B, H, Lq), device=q.device)
+    acc = torch.zeros((B, H, Lq, D), device=q.device)
+    for n0 in range(0, Lk, block_n):
+        s = (qf @ k8[:, :, n0:n0 + block_n].float().transpose(-1, -2)) * ks[:, :, None, n0:n0 + block_n]
+        m_new = torch.maximum(m, s.amax(-1) * qs)
+        shift = m_new - LOG2_FP8_MAX if pv == "fp8" else m_new
+        p = torch.exp2(s * qs[..., None] - shift[..., None])
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None]
+        if pv == "fp8":
+            pq = _e4m3(p).float()
+        else:
+            pq = p.to(v.dtype).float()
+        acc = acc + pq @ vv[:, :, n0:n0 + block_n]
+        m = m_new
+    o = acc / l[..., None]
+    if pv == "fp8":
+        o = o * vs[:, :, None, :]
+    return o.transpose(1, 2).to(out_dtype)
+
+
+def attention_fp32(q, k, v, softmax_scale=None) -> torch.Tensor:
+    """fp32 softmax attention (the accuracy reference), [B, L, H, D] -> fp32 [B, Lq, H, D]."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    o = F.scaled_dot_product_attention(*(_bhld(t).float() for t in (q, k, v)), scale=scale)
+    return o.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- quantisation launch
+def default_pv() -> str:
+    pv = os.environ.get("S2V_FP8_ATTN_PV", DEFAULT_PV)
+    if pv not in PV_MODES:
+        raise ValueError(f"S2V_FP8_ATTN_PV={pv!r}; use one of {PV_MODES}")
+    return pv
+
+
+def _padded_len(L: int) -> int:
+    return max(16, -(-L // 16) * 16)
+
+
+def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None) -> dict:
+    """All quantisation work of one attention call (what the benchmark must include).
+
+    Returns q8/k8 [B*H, L, D] e4m3, qs/ks [B*H, L] fp32, km [B, H, D]; for pv="fp8" also
+    vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    dev = q.device
+    if use_kernels is None:
+        use_kernels = kernels_usable(q, k, v)
+    res = {}
+    if not use_kernels:
+        q8, qs = quantize_q_reference(q, softmax_scale)
+        k8, ks, km = quantize_k_reference(k)
+        res.update(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8.view(B * H, Lk, D),
+                   ks=ks.reshape(B * H, Lk), km=km)
+        if pv == "fp8":
+            v8, vs = quantize_v_reference(v)
+            Lp = _padded_len(Lk)
+            vt = torch.zeros((B * H, D, Lp), dtype=FP8_DTYPE, device=dev)
+            vt[:, :, :Lk] = v8.view(B * H, Lk, D).transpose(1, 2)
+            res.update(vt=vt, vs=vs.reshape(B * H, D).contiguous(), Lp=Lp)
+        return res
+    interp = is_interpreter()
+    C = H * D
+    # 1. column statistics over the keys: K sum (-> mean) and, for fp8 P.V, V abs-max
+    n_chunks = triton.cdiv(Lk, _STATS_CHUNK)
+    block_c = min(512, next_pow2(C))
+    grid = (n_chunks, triton.cdiv(C, block_c), B)
+    ksum = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
+    _col_stats_kernel[grid](k, ksum, ksum, Lk, C, D, k.stride(0), k.stride(1), k.stride(2), n_chunks,
+                            CHUNK=_STATS_CHUNK, BLOCK_R=16, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
+                            num_warps=4)
+    km = (ksum.sum(1) / Lk).view(B, H, D)
+    # 2. Q and K per (token, head)
+    q8 = torch.empty((B * H, Lq, D), dtype=FP8_DTYPE, device=dev)
+    qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
+    k8 = torch.empty((B * H, Lk, D), dtype=FP8_DTYPE, device=dev)
+    ks = torch.empty((B * H, Lk), dtype=torch.float32, device=dev)
+    br = 64
+    _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
+        q, q8, qs, qs, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
+        D=D, BLOCK_R=br, CENTER=False, INTERPRET=interp, num_warps=4)
+    kmc = km.reshape(B * H, D).contiguous()
+    _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
+        k, k8, ks, kmc, Lk, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
+        D=D, BLOCK_R=br, CENTER=True, INTERPRET=interp, num_warps=4)
+    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km)
+    if pv == "fp8":
+        vmax = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
+        _col_stats_kernel[grid](v, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2), n_chunks,
+                                CHUNK=_STATS_CHUNK, BLOCK_R=16, BLOCK_C=block_c, DO_SUM=False,
+                                DO_AMAX=True, num_warps=4)
+        amax = vmax.amax(1).view(B * H, D).clamp_min(AMAX_FLOOR)
+        inv, vs = _inv_and_scale(amax)
+        Lp = _padded_len(Lk)
+        vt = torch.empty((B * H, D, Lp), dtype=FP8_DTYPE, device=dev)
+        if Lp > Lk:
+            vt[:, :, Lk:].zero_()
+        _quant_v_kernel[(triton.cdiv(Lk, br), B * H)](
+            v, vt, inv.contiguous(), Lk, H, Lp, v.stride(0), v.stride(1), v.stride(2),
+            D=D, BLOCK_R=br, INTERPRET=interp, num_warps=4)
+        res.update(vt=vt, vs=vs.contiguous(), Lp=Lp)
+    return res
+
+
+# ----------------------------------------------------------------------------- attention launch
+_TUNED: dict = {}
+TUNE_LOG: dict = {}  # key -> {config index: ms | "error: ..." | "mismatch"} (benchmarks report it)
+
+
+def _bucket(n: int) -> int:
+    return min(next_pow2(max(n, 1)), 1 << 17)
+
+
+def _config_usable(cfg) -> bool:
+    if cfg.get("TMA") and not has_tensor_descriptor():
+        return False
+    if cfg.get("WS") and not range_supports_warp_specialize():
+        return False
+    return True
+
+
+def _launch(cfg, qz, v, out, pv):
+    B, Lq, H, D = out.shape
+    Lk = v.shape[1]
+    interp = is_interpreter()
+    tma = bool(cfg.get("TMA")) and not interp
+    if tma:
+        ensure_tma_allocator()
+    pv_fp8 = pv == "fp8"
+    vsrc = qz["vt"] if pv_fp8 else v
+    vs = qz["vs"] if pv_fp8 else qz["qs"]
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    _fp8_attn_fwd_kernel[grid](
+        qz["q8"], qz["qs"], qz["k8"], qz["ks"], vsrc, vs, out,
+        H, Lq, Lk, qz.get("Lp", 0), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma, WS=bool(cfg.get("WS")) and tma,
+        PV_FP8=pv_fp8, PROMOTE=bool(cfg.get("PROMOTE", True)), UPCAST=interp, INTERPRET=interp,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _agrees(a, b):
+    err = (a.float() - b.float()).abs().max().item()
+    return err == err and err <= 3e-2 * max(1.0, b.float().abs().max().item())
+
+
+def _tune_key(q, v, pv):
+    return (q.shape[-1], q.dtype, v.dtype, _bucket(q.shape[1]), _bucket(v.shape[1]), pv)
+
+
+def tuned_config(q, v, pv: str = None):
+    """The config the tuner picked for inputs like these (None before the first call)."""
+    forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
+    if forced is not None:
+        return FP8_CONFIGS[int(forced)]
+    return _TUNED.get(_tune_key(q, v, pv or default_pv()))
+
+
+def _pick_config(qz, v, out, pv):
+    forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
+    if forced is not None:
+        return FP8_CONFIGS[int(forced)]
+    key = _tune_key(out, v, pv)
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = [(i, c) for i, c in enumerate(FP8_CONFIGS) if _config_usable(c)]
+    if is_interpreter():
+        cands = [(i, c) for i, c in cands if not c.get("TMA")] or cands
+        _TUNED[key] = cands[0][1]
+        return cands[0][1]
+    tune = os.environ.get("S2V_FP8_ATTN_AUTOTUNE", "1") != "0"
+    from triton.testing import do_bench
+
+    log = TUNE_LOG.setdefault(key, {})
+    best, best_t, baseline = None, float("inf"), None
+    for i, cfg in cands:
+        try:
+            _launch(cfg, qz, v, out, pv)
+            if baseline is None:
+                baseline = out.clone()
+            elif not _agrees(out, baseline):  # a miscompiled variant must never win
+                log[i] = "mismatch"
+                continue
+            t = do_bench(lambda: _launch(cfg, qz, v, out, pv), warmup=5, rep=20) if tune else 0.0
+            log[i] = t
+        except Exception as e:  # does not compile / run on this triton or GPU: skip it
+            log[i] = f"error: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+        if not tune:
+            break
+    if best is None:
+        raise RuntimeError(f"no FP8_CONFIGS entry compiled for this GPU / triton version: {log}")
+    _TUNED[key] = best
+    return best
+
+
+def fp8_attention_usable(q, k, v) -> bool:
+    B, Lq, H, D = q.shape
+    dtypes = (torch.bfloat16, torch.float16) + ((torch.float32,) if is_interpreter() else ())
+    return (kernels_usable(q, k, v) and q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
+            and k.shape[0] == B and k.shape[2:] == (H, D) and D in SUPPORTED_D
+            and q.dtype in dtypes and k.dtype == q.dtype and v.dtype == q.dtype
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, config=None,
+                  quantized: dict = None) -> torch.Tensor:
+    """FP8 attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q.dtype.
+
+    ``pv``: "fp8" (default, env S2V_FP8_ATTN_PV) or "bf16". ``config``: a FP8_CONFIGS-like dict
+    (bypasses the tuner). ``quantized``: output of :func:`quantize_qkv` (benchmarks timing the
+    attention kernel alone). Falls back to :func:`fp8_attention_reference` (same numbers, torch)
+    where the kernel cannot run."""
+    pv = pv or default_pv()
+    if pv not in PV_MODES:
+        raise ValueError(f"pv={pv!r}; use one of {PV_MODES}")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if not (fp8_attention_usable(q, k, v) and kernels_usable(out)):
+        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv))
+        return out
+    if B * H * Lq == 0:
+        return out
+    if Lk == 0:
+        return out.zero_()
+    qz = quantized if quantized is not None else quantize_qkv(q, k, v, scale, pv, use_kernels=True)
+    cfg = config if config is not None else _pick_config(qz, v, out, pv)
+    _launch(cfg, qz, v, out, pv)
+    return out
+
+
+def fp8_attention_backend(q, k, v):
+    """The ``attention(q, k, v)`` contract (scale 1/sqrt(D))."""
+    return fp8_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- test / bench data
+def make_realistic_qkv(B: int, Lq: int, H: int, D: int, Lk: int = None, *, seed: int = 0,
+                       device="cpu", dtype=torch.bfloat16, logit_std: float = 2.0,
+                       outliers: int = 4, outlier_scale=(10.0, 30.0), key_offset: float = 4.0,
+                       grid_hw=(16, 16)):
+    """Attention inputs shaped like the DiT's: q/k = RoPE(RMSNorm(x) * w) with structured tokens.
+
+    * tokens: a smooth (along the sequence) rank-24 latent mixed into H*D channels + noise, k's
+      mixing correlated with q's (so attention has structure, not uniform noise);
+    * full-width RMSNorm, then norm weights 1 + N(0, 0.1^2) with ``outliers`` channels per head
+      scaled by U(10, 30) (independently for q and k): heavy-tailed channels;
+    * the project's 3-axis RoPE over a (frames, h, w) grid of ``grid_hw`` tokens per frame;
+    * q rescaled per head so the logits q.k/sqrt(D) (of the centred keys) have std ``logit_std``
+      (natural-log units; 2 = moderately peaked attention, the error grows with it);
+    * keys + a common offset per head (``key_offset`` x the key RMS, constant over tokens);
+    * v: noise + per-head offset + a structured part from the same latent.
+    Generated in fp32 on the CPU (deterministic), returned in ``dtype`` on ``device``."""
+    from ..models.rope import build_rope_table, video_segment
+
+    Lk = Lq if Lk is None else Lk
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C, r = H * D, 24
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g)
+
+    def latent(L):
+        z = rnd(B, L + 32, r).transpose(1, 2)
+        z = F.avg_pool1d(z, 33, 1).transpose(1, 2)[:, :L]
+        return z * 5.0
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def rope(x, L):
+        th, tw = grid_hw
+        frames = -(-L // (th * tw))
+        t = build_rope_table([video_segment(frames, th, tw)], D, "cpu", torch.float32)
+        cos, sin = t.cos[:L][None, :, None], t.sin[:L][None, :, None]
+        xp = x.reshape(B, L, H, D // 2, 2)
+        x0, x1 = xp[..., 0], xp[..., 1]
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).reshape(B, L, H, D)
+
+    zq = latent(Lq)
+    zk = zq if Lk == Lq else latent(Lk)
+    aq = rnd(r, C) / math.sqrt(r)
+    ak = aq + 0.5 * rnd(r, C) / math.sqrt(r)
+    wq, wk = 1 + 0.1 * rnd(C), 1 + 0.1 * rnd(C)
+    lo, hi = outlier_scale
+    for h in range(H):
+        for w in (wq, wk):
+            idx = torch.randperm(D, generator=g)[:outliers] + h * D
+            w[idx] *= lo + (hi - lo) * torch.rand(outliers, generator=g)
+    q = rope((rms(zq @ aq + 0.7 * rnd(B, Lq, C)) * wq).view(B, Lq, H, D), Lq)
+    k = rope((rms(zk @ ak + 0.7 * rnd(B, Lk, C)) * wk).view(B, Lk, H, D), Lk)
+    n = min(Lq, Lk, 512)
+    kc = k - k.mean(1, keepdim=True)
+    std = (torch.einsum("blhd,bmhd->bhlm", q[:, :n], kc[:, :n]) / math.sqrt(D)).std(dim=(0, 2, 3))
+    q = q * (logit_std / std)[None, None, :, None]
+    krms = k.pow(2).mean(dim=(0, 1, 3), keepdim=True).sqrt()
+    k = k + key_offset * krms * rnd(1, 1, H, D)
+    v = rnd(B, Lk, H, D) + 0.5 * rnd(1, 1, H, D) + 0.5 * (zk @ (rnd(r, C) / math.sqrt(r))).view(B, Lk, H, D)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+__all__ = [
+    "FP8_CONFIGS", "DEFAULT_PV", "fp8_attention", "fp8_attention_reference", "quantize_qkv",
+    "attention_fp32", "make_realistic_qkv", "accuracy", "fp8_attention_backend",
+]
+
+
+def _register():
+    from .attention import register_attention_backend
+
+    register_attention_backend("fp8", fp8_attention_backend)
+
+
+_register()

@@ -1,0 +1,142 @@
+"""Run-time options of a pipeline: DiT precision, attention backend, offload, multi-GPU setup.
+
+Each check raises a one-line :class:`~s2v_fast.errors.InputError` and runs before any weights
+are loaded. The mechanisms themselves live elsewhere: ``kernels/attention.py`` (backends),
+``offload.py`` (ModelOffloader, LayerwiseOffloader), ``parallel/`` (mesh, DiT transform, CFG
+and VAE patch parallel); this module only decides and validates.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import InputError
+
+PRECISIONS = ("fast", "reference")
+OFFLOAD_MODES = ("cpu", "layerwise")
+OFFLOAD_FLAGS = {"cpu": "--enable-cpu-offload", "layerwise": "--enable-layerwise-offload"}
+# Backends whose kernels exist only on CUDA (triton also runs under TRITON_INTERPRET=1).
+_CUDA_ONLY_BACKENDS = ("cudnn", "sdpa_flash", "triton")
+
+
+# ----------------------------------------------------------------------------- attention
+def default_attention_backend() -> str:
+    from .kernels.attention import ENV_VAR
+
+    return os.environ.get(ENV_VAR) or "auto"
+
+
+def apply_attention_backend(name: str, device=None) -> str:
+    """``set_attention_backend(name)``; an unusable backend is a one-line InputError."""
+    from .kernels.attention import set_attention_backend
+
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda" and name in _CUDA_ONLY_BACKENDS and not (
+            name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise InputError(f"--attention-backend {name} needs a CUDA device; on the CPU use "
+                         "--attention-backend auto or sdpa")
+    try:
+        set_attention_backend(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return name
+
+
+# ----------------------------------------------------------------------------- offload
+def check_offload_mode(offload: Optional[str]) -> Optional[str]:
+    if offload in (None, "", "none"):
+        return None
+    if offload not in OFFLOAD_MODES:
+        raise InputError(f"offload={offload!r}: use None, 'cpu' or 'layerwise'")
+    return offload
+
+
+def offload_mode_from_flags(cpu: bool, layerwise: bool) -> Optional[str]:
+    if cpu and layerwise:
+        raise InputError("--enable-cpu-offload and --enable-layerwise-offload are exclusive; pass "
+                         "one (layerwise offload also keeps the encoders and the VAE off the GPU "
+                         "outside their stages)")
+    return "layerwise" if layerwise else ("cpu" if cpu else None)
+
+
+# ----------------------------------------------------------------------------- precision
+def _fast_path_flag(name: str) -> bool:
+    from .models import fast_path
+
+    return bool(getattr(fast_path, name, False))
+
+
+def fast_precision_blocker(offload: Optional[str] = None, parallel=None) -> Optional[str]:
+    """Why precision 'fast' cannot run with these options (None when it can); the reason names
+    the flag. ``parallel``: a ParallelConfig or None."""
+    if offload == "layerwise" and not _fast_path_flag("SUPPORTS_LAYERWISE_OFFLOAD"):
+        return ("precision 'fast' does not support --enable-layerwise-offload yet (its fused "
+                "blocks bypass the per-block hooks)")
+    if parallel is not None:
+        from .parallel.runner import fast_precision_unsupported
+
+        return fast_precision_unsupported(parallel)
+    return None
+
+
+def resolve_precision(precision: Optional[str], device, *, offload: Optional[str] = None,
+                      parallel=None) -> Tuple[str, Optional[str]]:
+    """-> (precision, note). Default: 'fast' on CUDA, 'reference' on the CPU (the fused Triton
+    kernels run only on CUDA) or when an option does not support 'fast' yet (the note says
+    which). An explicit 'fast' that cannot run is an InputError naming the flag."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: use fast or reference")
+    blocker = fast_precision_blocker(offload, parallel)
+    if precision == "fast":
+        if blocker:
+            raise InputError(f"{blocker}; use --precision reference")
+        return "fast", None
+    if precision == "reference":
+        return "reference", None
+    if torch.device(device).type != "cuda":
+        return "reference", None
+    if blocker:
+        return "reference", f"{blocker}; using --precision reference"
+    return "fast", None
+
+
+# ----------------------------------------------------------------------------- multi-GPU
+def world_size_from_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        raise InputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; launch with "
+                         "torchrun") from None
+
+
+def parallel_config_from_args(args):
+    """The ParallelConfig of the parsed flags, validated against $WORLD_SIZE and the guidance
+    scale, or None for a single-process run (all degrees 1 and no torchrun)."""
+    from .parallel.config import ParallelConfig
+
+    pc = ParallelConfig.from_args(args)
+    world = world_size_from_env()
+    if not pc.enabled and world == 1:
+        return None
+    return pc.validate(world, guidance_scale=getattr(args, "guidance_scale", None))
+
+
+def validate_parallel_for_model(config, model_path: str, world_size: Optional[int] = None) -> None:
+    """Head / width divisibility against the checkpoint's config.json (no weights read)."""
+    from .config import DiTConfig
+
+    c = DiTConfig.from_json(model_path)
+    config.validate(world_size if world_size is not None else world_size_from_env(),
+                    num_heads=c.num_heads, ffn_dim=c.ffn_dim, dim=c.dim)
+
+
+def init_parallel(parallel, device: torch.device):
+    """ParallelConfig -> ParallelState (torch.distributed from the torchrun environment: gloo on
+    the CPU, NCCL on CUDA with device cuda:LOCAL_RANK); a ParallelState is returned as is."""
+    from .parallel.config import ParallelConfig, init_distributed
+
+    if not isinstance(parallel, ParallelConfig):
+        return parallel
+    return init_distributed(parallel, backend="gloo" if device.type != "cuda" else None)
