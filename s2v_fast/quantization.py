@@ -41,37 +41,70 @@ _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 class FP8WeightView(torch.Tensor):
     """What ``FP8Linear.weight`` returns: shape/dtype/device of the original weight, no storage.
 
-    ``F.linear(x, view, bias)`` runs the module's fp8 GEMM; every other torch op is applied to
-    the dequantised weight (so ``.float()``, ``.t()``, printing etc. work, at full cost)."""
+    Routed to the module's fp8 GEMM: ``F.linear(x, w, b)``, and with ``wt = w.t()``:
+    ``torch._addmm_activation(b, x, wt, use_gelu=...)`` (the fast path's FFN GELU epilogue),
+    ``torch.addmm(b, x, wt)``, ``torch.mm / torch.matmul / x @ wt``. Every other torch op is
+    applied to the dequantised weight (so ``.float()``, printing etc. work, at full cost)."""
 
     @staticmethod
-    def __new__(cls, owner: "FP8Linear"):
+    def __new__(cls, owner: "FP8Linear", transposed: bool = False):
         w8 = owner.weight_fp8
-        view = torch.Tensor._make_wrapper_subclass(cls, tuple(w8.shape), dtype=owner.compute_dtype,
+        shape = tuple(w8.shape)[::-1] if transposed else tuple(w8.shape)
+        view = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=owner.compute_dtype,
                                                    device=w8.device, requires_grad=False)
         view._owner = owner
+        view._transposed = transposed
         return view
 
     def dequantize(self) -> torch.Tensor:
-        return self._owner.dequantized_weight()
+        w = self._owner.dequantized_weight()
+        return w.t() if self._transposed else w
 
     def __repr__(self, *, tensor_contents=None):
         return (f"FP8WeightView(shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"stored=float8_e4m3fn + per-channel fp32 scale)")
+                f"stored=float8_e4m3fn + per-channel fp32 scale{', transposed' if self._transposed else ''})")
 
     @staticmethod
     def _plain(t):
         return t.dequantize() if isinstance(t, FP8WeightView) else t
 
     @classmethod
+    def _route(cls, func, args, kwargs):
+        """The fp8 GEMM for the linear-shaped calls, else None."""
+        V = FP8WeightView
+        if func in _LINEAR_FUNCS:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(w, V) and not w._transposed and not isinstance(x, V) and not isinstance(b, V):
+                return w._owner.fp8_forward(x, b)
+            return None
+        if func in _TRANSPOSE_FUNCS and len(args) == 1 and isinstance(args[0], V):
+            return V(args[0]._owner, not args[0]._transposed)
+        if func in _ADDMM_FUNCS and len(args) >= 3:
+            b, x, wt = args[:3]
+            if isinstance(wt, V) and wt._transposed and not isinstance(x, V) and x.dim() == 2 \
+                    and (b is None or (not isinstance(b, V) and b.dim() == 1)) \
+                    and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
+                y = wt._owner.fp8_forward(x, b)
+                if func is _ADDMM_ACT and (args[3] if len(args) > 3 else kwargs.get("use_gelu", False)):
+                    y = F.gelu(y, approximate="tanh")  # the cuBLASLt GELU epilogue is the tanh form
+                elif func is _ADDMM_ACT:
+                    y = F.relu(y)
+                return y
+            return None
+        if func in _MM_FUNCS and len(args) == 2 and not kwargs:
+            x, wt = args
+            if isinstance(wt, V) and wt._transposed and not isinstance(x, V):
+                return wt._owner.fp8_forward(x, None)
+        return None
+
+    @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _LINEAR_FUNCS:
-            x = args[0] if args else kwargs["input"]
-            w = args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(w, FP8WeightView) and not isinstance(x, FP8WeightView):
-                return w._owner.fp8_forward(x, b)
+        y = cls._route(func, args, kwargs)
+        if y is not None:
+            return y
         if getattr(func, "__name__", "") == "__get__":  # metadata (dtype, shape, device, ...)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
@@ -81,6 +114,12 @@ class FP8WeightView(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return func(*tree_map(cls._plain, args), **tree_map(cls._plain, kwargs or {}))
+
+
+_ADDMM_ACT = torch._addmm_activation
+_ADDMM_FUNCS = {_ADDMM_ACT, torch.addmm}
+_MM_FUNCS = {torch.mm, torch.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.matmul}
+_TRANSPOSE_FUNCS = {torch.Tensor.t, torch.t}
 
 
 class FP8Linear(nn.Module):

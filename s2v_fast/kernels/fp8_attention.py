@@ -417,12 +417,16 @@ def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = Non
     interp = is_interpreter()
     C = H * D
     # 1. column statistics over the keys: K sum (-> mean) and, for fp8 P.V, V abs-max
-    n_chunks = triton.cdiv(Lk, _STATS_CHUNK)
+    # the interpreter runs programs one after another: few large ones there
+    chunk = min(next_pow2(Lk), 1024) if interp else _STATS_CHUNK
+    stats_r = chunk if interp else 16
+    br = min(next_pow2(max(Lq, Lk)), 1024) if interp else 64
+    n_chunks = triton.cdiv(Lk, chunk)
     block_c = min(512, next_pow2(C))
     grid = (n_chunks, triton.cdiv(C, block_c), B)
     ksum = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
     _col_stats_kernel[grid](k, ksum, ksum, Lk, C, D, k.stride(0), k.stride(1), k.stride(2), n_chunks,
-                            CHUNK=_STATS_CHUNK, BLOCK_R=16, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
+                            CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
                             num_warps=4)
     km = (ksum.sum(1) / Lk).view(B, H, D)
     # 2. Q and K per (token, head)
@@ -430,7 +434,6 @@ def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = Non
     qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
     k8 = torch.empty((B * H, Lk, D), dtype=FP8_DTYPE, device=dev)
     ks = torch.empty((B * H, Lk), dtype=torch.float32, device=dev)
-    br = 64
     _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
         q, q8, qs, qs, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
         D=D, BLOCK_R=br, CENTER=False, INTERPRET=interp, num_warps=4)
@@ -442,7 +445,7 @@ def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = Non
     if pv == "fp8":
         vmax = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
         _col_stats_kernel[grid](v, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2), n_chunks,
-                                CHUNK=_STATS_CHUNK, BLOCK_R=16, BLOCK_C=block_c, DO_SUM=False,
+                                CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=False,
                                 DO_AMAX=True, num_warps=4)
         amax = vmax.amax(1).view(B * H, D).clamp_min(AMAX_FLOOR)
         inv, vs = _inv_and_scale(amax)
