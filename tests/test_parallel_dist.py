@@ -6,6 +6,8 @@ itself, the max error over ranks is all-reduced and rank 0 writes a JSON report 
 functions below check. Tiny fp32 DiT (dim 128, 4 layers), inputs:
   "motion": lh = lw = 16, F = 3, CFG batch 2, motion tokens -> L = 192 + 64 + 96 = 352
   "uneven": lh = 10, lw = 14, F = 2, batch 1, motion dropped -> L = 105 (odd; Nf = 35)
+Cases named *_fast run the fused fast path (``precision = "fast"``) on the ranks against the
+reference-precision single-process output (fp32: the fast path follows the same math).
 """
 from __future__ import annotations
 
@@ -147,6 +149,9 @@ def _cases(world: int):
             ("ulysses2_even", P(ulysses_degree=2, shard_policy="even"), "h2", "full",
              ("motion", "uneven")),
             ("ring2", P(ring_degree=2), "h2", "full", ("motion", "uneven")),
+            # the fused fast path under sequence parallelism (frame-aligned shards)
+            ("ulysses2_fast", P(ulysses_degree=2), "h2", "full", ("motion",)),
+            ("ring2_fast", P(ring_degree=2), "h2", "full", ("motion",)),
             ("tp2", P(tensor_parallel_size=2), "h2", "sharded", ("motion", "uneven")),
             ("cfg2", P(cfg_parallel_size=2), "h2", "full", ("cfg",)),
             ("vae2", P(ulysses_degree=2, vae_patch_parallel_size=2), "h2", None, ("vae",)),
@@ -222,6 +227,8 @@ def _worker(rank: int, world: int, port: int, tmp: str, out_path: str) -> None:
                                          pc.tensor_parallel_size, dtype=torch.float32)
             else:
                 model = ref_model(ck)
+            if name.endswith("_fast"):
+                model.precision = "fast"
             pdit = parallelize(model, st)
             counter.watch_injection(model)
             for kind in kinds:
@@ -283,6 +290,7 @@ def _check(res, key, tol=TOL):
 @pytest.mark.parametrize("key", ["ulysses2/motion", "ulysses2/uneven", "ulysses2_even/motion",
                                  "ulysses2_even/uneven", "ring2/motion", "ring2/uneven",
                                  "tp2/motion", "tp2/uneven", "cfg2/cfg", "vae2/decode",
+                                 "ulysses2_fast/motion", "ring2_fast/motion",
                                  "vae2/encode"])
 def test_two_ranks_match_single_process(results2, key):
     _check(results2, key)
@@ -304,6 +312,9 @@ def test_frame_aligned_shards_no_collective_in_audio_injection(results2):
     # all-gather of the head outputs; nothing else
     assert r["by_name"] == {"all_to_all_single": 8, "all_gather_single": 1} or \
         r["by_name"] == {"all_to_all_single": 8, "all_gather_into_tensor": 1}
+    # the fast path goes through the same seam: same collectives, none inside the injection
+    fast = results2["ulysses2_fast/motion"]
+    assert fast["by_name"] == r["by_name"] and fast["inside_injection"] == 0
 
 
 def test_unaligned_shards_still_no_collective_in_audio_injection(results2, results4):

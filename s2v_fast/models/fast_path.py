@@ -72,6 +72,11 @@ def build_clip_cache(model, cond) -> ClipCache:
     return cache
 
 
+# Sequence parallel (s2v_fast.parallel) runs this path: self-attention goes through
+# ``SelfAttention.attend`` and the clip cache is built from the rank's shard of the conditions; the
+# audio injection runs on whole local latent frames, so the shards must be frame-aligned.
+SUPPORTS_SEQUENCE_PARALLEL = True
+
 # FFN up-projection + tanh-GELU in one cuBLASLt call (GELU applied to the fp32 accumulator in the
 # GEMM epilogue, then one bf16 rounding; the reference rounds before the GELU: <= 1 bf16 ulp of
 # the activation). S2V_GELU_EPILOGUE=0 keeps the separate GELU kernel.
@@ -108,7 +113,7 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         else:  # fp32 models (CPU tests): the kernel emits bf16 for attention, keep fp32 instead
             q, k = sa.qk_norm_rope(h, cache.rope)
         with trace_range("attention"):
-            a = attention(q, k, _heads(v, H))
+            a = sa.attend(q, k, _heads(v, H))  # the sequence-parallel seam (Ulysses / ring)
         y = linear(a.flatten(2), sa.o)
     x, h3 = gated_residual_layernorm_affine(x, y, gate_sa, split, block.norm3.weight, block.norm3.bias,
                                             eps=block.eps, out_dtype=ca.q.weight.dtype)
@@ -126,6 +131,8 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
 
 def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: ClipCache) -> torch.Tensor:
     """Audio injector j on the noisy tokens (x updated in place)."""
+    if num_noisy == 0:  # a sequence-parallel rank holding only reference / motion tokens
+        return x
     inj = model.audio_injector.injector[j]
     shift, scale = cache.audio_shift[j], cache.audio_scale[j]
     Fr = shift.shape[1]
