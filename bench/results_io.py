@@ -42,7 +42,8 @@ def environment() -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "date": _dt.date.today().isoformat(),
-        "git_commit": commit or os.environ.get("S2V_GIT_COMMIT"),
+        # S2V_GIT_COMMIT first: the device machine's copy of the tree may carry a stale .git
+        "git_commit": os.environ.get("S2V_GIT_COMMIT") or commit,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
 
