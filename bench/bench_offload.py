@@ -34,6 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -121,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--steps-per-clip", type=int, default=40, help="for the amortised onload cost")
     ap.add_argument("--preset", default="wan2.2-s2v-14b")
+    ap.add_argument("--precision", default="fast", choices=["fast", "reference"],
+                    help="DiT precision mode (default fast, the CUDA default)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, small shape, CPU ok; no JSON")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -142,6 +145,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     model = build_random_dit(args.preset, device=dev, dtype=dtype)
+    model.precision = args.precision
     _sync(dev)
     build_s = time.perf_counter() - t0
     nb = len(model.blocks)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dit_common import build_random_dit, make_inputs, token_count  # noqa: E402
 from results_io import write_results  # noqa: E402
 

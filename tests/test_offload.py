@@ -65,9 +65,12 @@ def test_layerwise_bit_identical_two_calls_and_restore():
     assert torch.equal(model(**inp), ref[0])
 
 
-def test_layerwise_forward_step_path_matches():
-    """The pipeline path: conditions prepared once, forward_step per sampling step."""
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_layerwise_forward_step_path_matches(precision):
+    """The pipeline path: conditions prepared once, forward_step per sampling step (the fast
+    path calls its blocks through their hooks and computes each block's text K/V lazily)."""
     model = _tiny()
+    model.precision = precision
     inp = _inputs(model)
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=x.shape[0], **inp)
@@ -356,9 +359,11 @@ def test_peak_memory_summary(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_layerwise_matches_and_frees_memory(dtype):
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "reference"), (torch.bfloat16, "reference"),
+                                             (torch.bfloat16, "fast")])
+def test_gpu_layerwise_matches_and_frees_memory(dtype, precision):
     model = _tiny("cuda", dtype)
+    model.precision = precision
     inp = _inputs(model)
     ref = [model(**inp) for _ in range(2)]
     torch.cuda.synchronize()

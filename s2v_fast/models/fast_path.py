@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,10 @@ class ClipCache:
     rope: object  # RopeTable (fp32 fallback for non-bf16 models)
     cos: torch.Tensor  # [L, D/2] fp32
     sin: torch.Tensor
-    text_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: k, v [B, text_len, H, D]
+    context: torch.Tensor  # padded text embeddings [B, text_len, C]
+    # per block: k, v [B, text_len, H, D], computed on the block's first fast step (inside the
+    # block's hooks, so a layerwise-offloaded block has its weights on the GPU)
+    text_kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]
     audio_shift: List[torch.Tensor] = field(default_factory=list)  # per injector [B, F, C] cdt
     audio_scale: List[torch.Tensor] = field(default_factory=list)
     audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [B,F,n,H,D]
@@ -56,8 +59,8 @@ def build_clip_cache(model, cond) -> ClipCache:
     """Everything the blocks need that does not change across the sampling steps of a clip."""
     cos = cond.rope.cos.float().contiguous()
     sin = cond.rope.sin.float().contiguous()
-    text_kv = [blk.cross_attn.context_kv(cond.context) for blk in model.blocks]
-    cache = ClipCache(rope=cond.rope, cos=cos, sin=sin, text_kv=[(k.contiguous(), v.contiguous()) for k, v in text_kv])
+    cache = ClipCache(rope=cond.rope, cos=cos, sin=sin, context=cond.context,
+                      text_kv=[None] * len(model.blocks))
     B, F_, n_tok, C = cond.audio_local.shape
     gvec = cond.audio_global[:, :, 0].reshape(B * F_, C)
     local = cond.audio_local.reshape(B * F_, n_tok, C)
@@ -119,6 +122,9 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
                                             eps=block.eps, out_dtype=ca.q.weight.dtype)
     with trace_range("cross_attention"):
         qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
+        if cache.text_kv[index] is None:
+            kc, vc = ca.context_kv(cache.context)
+            cache.text_kv[index] = (kc.contiguous(), vc.contiguous())
         kc, vc = cache.text_kv[index]
         yc = linear(attention(qc, kc, vc).flatten(2), ca.o)
     x, h2 = residual_add_norm_modulate(x, yc, shift_ff, scale_ff, split, eps=block.eps,
@@ -152,6 +158,17 @@ def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: Cli
         return audio_residual_add(x, y, num_noisy)
 
 
+def _with_module_hooks(block, fn, x, *args):
+    """``fn(block, x, *args)`` with the block's forward pre/post hooks run around it, as
+    ``block(x, ...)`` would (layerwise offload loads and releases the block's weights there)."""
+    for hook in block._forward_pre_hooks.values():
+        hook(block, (x,))
+    out = fn(block, x, *args)
+    for hook in block._forward_hooks.values():
+        hook(block, (x,), out)
+    return out
+
+
 def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Tensor:
     """All blocks + audio injections of one step on the fast path."""
     cache = cond.cache.get("fast")
@@ -160,7 +177,7 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Ten
     split = cond.num_noisy
     for i, block in enumerate(model.blocks):
         with trace_range(f"block{i}"):
-            x = fast_block(block, x, e0, split, cache, i)
+            x = _with_module_hooks(block, fast_block, x, e0, split, cache, i)
         j = model.audio_injector.layer_to_index.get(i)
         if j is not None:
             x = fast_inject_audio(model, j, x, split, cache)
