@@ -614,15 +614,17 @@ def make_realistic_qkv(B: int, Lq: int, H: int, D: int, Lk: int = None, *, seed:
       (natural-log units; 2 = moderately peaked attention, the error grows with it);
     * keys + a common offset per head (``key_offset`` x the key RMS, constant over tokens);
     * v: noise + per-head offset + a structured part from the same latent.
-    Generated in fp32 on the CPU (deterministic), returned in ``dtype`` on ``device``."""
+    Generated in fp32 on ``device`` with its own generator (CPU and CUDA draw different numbers),
+    returned in ``dtype``."""
     from ..models.rope import build_rope_table, video_segment
 
     Lk = Lq if Lk is None else Lk
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
     C, r = H * D, 24
 
     def rnd(*s):
-        return torch.randn(*s, generator=g)
+        return torch.randn(*s, generator=g, device=dev)
 
     def latent(L):
         z = rnd(B, L + 32, r).transpose(1, 2)
@@ -636,7 +638,7 @@ def make_realistic_qkv(B: int, Lq: int, H: int, D: int, Lk: int = None, *, seed:
         th, tw = grid_hw
         frames = -(-L // (th * tw))
         t = build_rope_table([video_segment(frames, th, tw)], D, "cpu", torch.float32)
-        cos, sin = t.cos[:L][None, :, None], t.sin[:L][None, :, None]
+        cos, sin = (c[:L].to(dev)[None, :, None] for c in (t.cos, t.sin))
         xp = x.reshape(B, L, H, D // 2, 2)
         x0, x1 = xp[..., 0], xp[..., 1]
         return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).reshape(B, L, H, D)
@@ -649,8 +651,8 @@ def make_realistic_qkv(B: int, Lq: int, H: int, D: int, Lk: int = None, *, seed:
     lo, hi = outlier_scale
     for h in range(H):
         for w in (wq, wk):
-            idx = torch.randperm(D, generator=g)[:outliers] + h * D
-            w[idx] *= lo + (hi - lo) * torch.rand(outliers, generator=g)
+            idx = torch.randperm(D, generator=g, device=dev)[:outliers] + h * D
+            w[idx] *= lo + (hi - lo) * torch.rand(outliers, generator=g, device=dev)
     q = rope((rms(zq @ aq + 0.7 * rnd(B, Lq, C)) * wq).view(B, Lq, H, D), Lq)
     k = rope((rms(zk @ ak + 0.7 * rnd(B, Lk, C)) * wk).view(B, Lk, H, D), Lk)
     n = min(Lq, Lk, 512)
@@ -660,7 +662,7 @@ def make_realistic_qkv(B: int, Lq: int, H: int, D: int, Lk: int = None, *, seed:
     krms = k.pow(2).mean(dim=(0, 1, 3), keepdim=True).sqrt()
     k = k + key_offset * krms * rnd(1, 1, H, D)
     v = rnd(B, Lk, H, D) + 0.5 * rnd(1, 1, H, D) + 0.5 * (zk @ (rnd(r, C) / math.sqrt(r))).view(B, Lk, H, D)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return tuple(t.to(dtype=dtype) for t in (q, k, v))
 
 
 __all__ = [

@@ -280,27 +280,30 @@ def realistic_linear_input(M: int, K: int, *, seed: int = 0, device="cpu", dtype
                            outliers: int = 8, outlier_scale=(10.0, 30.0), gelu: bool = False):
     """DiT-like GEMM input [M, K]: LayerNorm'd tokens under adaLN modulation (per-channel scale
     1 + N(0, 0.5^2), shift N(0, 0.3^2)) with `outliers` channels 10-30x larger ('massive
-    activations'); ``gelu=True``: the FFN's second GEMM input, GELU-tanh of such a projection."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(M, K, generator=g)
+    activations'); ``gelu=True``: the FFN's second GEMM input, GELU-tanh of such a projection.
+    Generated on ``device`` with its own generator (CPU and CUDA draw different numbers)."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(M, K, generator=g, device=dev)
     x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
-    scale = 1 + 0.5 * torch.randn(K, generator=g)
-    shift = 0.3 * torch.randn(K, generator=g)
-    idx = torch.randperm(K, generator=g)[:outliers]
+    scale = 1 + 0.5 * torch.randn(K, generator=g, device=dev)
+    shift = 0.3 * torch.randn(K, generator=g, device=dev)
+    idx = torch.randperm(K, generator=g, device=dev)[:outliers]
     lo, hi = outlier_scale
-    scale[idx] *= lo + (hi - lo) * torch.rand(outliers, generator=g)
-    x = x * scale + shift
+    scale[idx] *= lo + (hi - lo) * torch.rand(outliers, generator=g, device=dev)
+    x = x.mul_(scale).add_(shift)
     if gelu:
         x = torch.nn.functional.gelu(x, approximate="tanh")
-    return x.to(device=device, dtype=dtype)
+    return x.to(dtype=dtype)
 
 
 def realistic_weight(N: int, K: int, *, seed: int = 1, device="cpu", dtype=torch.bfloat16):
     """Linear weight [N, K] with fan-in scaling and per-output-channel norms varying 0.5-2x."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(N, K, generator=g) / K ** 0.5
-    w = w * torch.exp(0.35 * torch.randn(N, 1, generator=g))
-    return w.to(device=device, dtype=dtype)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w = torch.randn(N, K, generator=g, device=dev) / K ** 0.5
+    w = w * torch.exp(0.35 * torch.randn(N, 1, generator=g, device=dev))
+    return w.to(dtype=dtype)
 
 
 def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
