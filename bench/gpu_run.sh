@@ -16,7 +16,7 @@ stage() {
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
          python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_path.py ;;
-    quicktests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rms_norm.py tests/test_kernels_qk_norm_rope.py tests/test_fast_path.py ;;
+    quicktests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rms_norm.py tests/test_kernels_qk_norm_rope.py tests/test_offload.py tests/test_fp8.py ;;
     kernels) python3 bench/bench_kernels.py --quick ;;
     dit448) python3 bench/bench_dit.py --sizes 448x832 --modes forward,reference,fast,fast_sep_gelu ;;
     dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --warmup 0 --iters 2 --topic dit704 ;;

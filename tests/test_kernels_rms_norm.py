@@ -46,7 +46,9 @@ def test_rms_norm_strided_rows():
 
 @pytest.mark.gpu
 def test_gpu_production_shape():
+    # On the GPU the kernel's rsqrt and sum order differ from torch's in the last fp32 bits; a
+    # 1-ulp flip of bf16(x * r) becomes up to 2 ulps after the bf16 multiply by w.
     x = torch.randn(2, 32760, 5120, device="cuda").to(torch.bfloat16) * 2
     w = (torch.randn(5120, device="cuda") * 0.3 + 1).to(torch.bfloat16)
     d = bf16_ulps(rms_norm(x, w), rms_norm_reference(x, w))
-    assert int(d.max()) <= 1 and (d > 0).float().mean().item() < 0.01
+    assert int(d.max()) <= 2 and (d > 0).float().mean().item() < 0.01, (int(d.max()), (d > 0).float().mean().item())
