@@ -241,7 +241,6 @@ def bench_gemm(cfg, M, N, K, recs):
             except Exception as e:
                 fp8["fast_accum_error"] = _err(e)
             fp8.update(fg.accuracy(y[:n_acc], ref))
-            del a8, sa, y, w8, sw
         except Exception as e:
             fp8["error"] = _err(e)
             traceback.print_exc()
@@ -406,6 +405,7 @@ def bench_dit(cfg, recs):
                 out_8 = step().float()
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
             r.update(fg.accuracy(out_8, out_bf))
+            r["fallbacks"] = _fallbacks()
             r["per_block"] = _per_block(rec_bf.store, rec_8.store)
             r["speedup_vs_fast"] = rows["fast"]["median_ms"] / r["median_ms"]
         except Exception as e:
@@ -420,6 +420,18 @@ def bench_dit(cfg, recs):
     finally:
         attn_registry.set_attention_backend(prev_backend)
         _free()
+
+
+def _fallbacks() -> dict:
+    """Kernel paths given up on this machine (empty = everything ran as designed)."""
+    out = {f"attention_{k}": v for k, v in fa8.FALLBACKS.items()}
+    if not fg._SCALED_MM_STATE["ok"]:
+        out["scaled_mm"] = fg._SCALED_MM_STATE["error"]
+    if not fg._SCALED_MM_STATE["bias"]:
+        out["scaled_mm_bias"] = "bias added after the GEMM"
+    if fg._QUANT_FAILED:
+        out["row_quantiser"] = sorted(fg._QUANT_FAILED)
+    return out
 
 
 # ----------------------------------------------------------------------------- output
@@ -506,7 +518,11 @@ def main(argv=None):
     if not a.smoke:
         from results_io import write_results
 
-        print("wrote", write_results("fp8", recs, extra=dict(wall_s=_elapsed(), heads=cfg.H, head_dim=cfg.D)))
+        print("wrote", write_results("fp8", recs, extra=dict(wall_s=_elapsed(), heads=cfg.H, head_dim=cfg.D,
+                                                               fallbacks=_fallbacks())))
+    fb = _fallbacks()
+    if fb:
+        print("FALLBACKS (kernel paths not used here):", fb)
     print(f"\n=== FP8 summary ({_elapsed():.0f} s; ms/TFLOP/s include quantisation; accuracy vs fp32, "
           f"DiT rows vs the bf16 step) ===")
     _print(recs, header=True)

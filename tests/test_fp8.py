@@ -249,7 +249,8 @@ def test_quantize_dit_tiny():
 @pytest.mark.parametrize("L,Lk", [(4096, 4096), (3001, 512), (1000, 1000)])
 def test_gpu_fp8_attention(pv, L, Lk):
     """Hopper kernel vs emulation (same quantisation: expect ~bf16-output-rounding agreement, up
-    to the fp8 MMA's accumulation) and vs fp32 (issue targets; logit std 2)."""
+    to the fp8 MMA's accumulation) and vs fp32 (issue targets; logit std 2; the unstructured
+    cross-attention case gets the CPU-measured 5 % bound, see test_fp8_attention_emulation_accuracy_cross)."""
     q, k, v = fa8.make_realistic_qkv(2, L, 8, 128, Lk, seed=L, device="cuda")
     got = fa8.fp8_attention(q, k, v, pv=pv)
     cfg = fa8.tuned_config(q, v, pv)
@@ -257,7 +258,7 @@ def test_gpu_fp8_attention(pv, L, Lk):
     vs_emu = fg.accuracy(got, emu)
     assert vs_emu["rel_l2"] <= 1e-2 and vs_emu["cosine"] >= 0.9999, vs_emu
     vs_ref = fg.accuracy(got, fa8.attention_fp32(q, k, v))
-    assert vs_ref["cosine"] >= 0.999 and vs_ref["rel_l2"] <= 0.03, vs_ref
+    assert vs_ref["cosine"] >= 0.999 and vs_ref["rel_l2"] <= (0.03 if L == Lk else 0.05), vs_ref
 
 
 @pytest.mark.gpu
