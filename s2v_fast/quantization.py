@@ -215,14 +215,17 @@ def target_linears(model: nn.Module, groups: Iterable[str] = GROUPS) -> List[Tup
 
 
 @torch.no_grad()
-def quantize_dit(model: nn.Module, mode: str = "fp8", *, attention: Optional[bool] = None,
+def quantize_dit(model: nn.Module, mode: str = "fp8", *, attention=None,
                  groups: Iterable[str] = GROUPS, use_fast_accum: bool = False) -> nn.Module:
     """Quantise a loaded S2V DiT in place (layer by layer: each bf16 weight is released as soon as
     its fp8 copy exists, so peak memory grows by one weight, not by the model).
 
-    ``mode``: "fp8" or "none" (no-op). ``attention``: switch the global attention backend to
-    "fp8" (default: True for mode "fp8"). ``groups``: which linears (see :data:`GROUPS`).
-    Returns the model (``model.quantization`` records the mode)."""
+    ``mode``: "fp8" or "none" (no-op). ``attention``: True / "fp8" (default for mode "fp8")
+    switches the global attention backend to "fp8"; False leaves it alone; another backend name
+    sets that one. ``groups``: which linears (see :data:`GROUPS`). ``use_fast_accum``: fp8 GEMM
+    fast accumulation (faster, less accurate; off by default).
+    Call it before the first denoising step: the fast path caches per-clip text/audio K/V made
+    with the linears of its first call. Returns the model (``model.quantization`` = mode)."""
     mode = (mode or "none").lower()
     if mode in ("none", "bf16", "off"):
         return model
@@ -237,12 +240,12 @@ def quantize_dit(model: nn.Module, mode: str = "fp8", *, attention: Optional[boo
         setattr(parent, name, FP8Linear.from_linear(lin, use_fast_accum=use_fast_accum))
         del lin  # the only reference: the bf16 weight is freed here
     model.quantization = mode
-    if attention is None:
-        attention = True
+    if attention is None or attention is True:
+        attention = "fp8"
     if attention:
         from .kernels.attention import set_attention_backend
 
-        set_attention_backend("fp8")
+        set_attention_backend(str(attention))
     return model
 
 
