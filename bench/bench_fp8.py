@@ -38,6 +38,7 @@ if __name__ == "__main__" and "--smoke" in sys.argv:
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s2v_fast.kernels import attention as attn_registry  # noqa: E402
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
