@@ -14,17 +14,12 @@ a 2-core CPU). 2e-4 leaves a 10x margin for other BLAS builds and is 39x below o
 of the MP4 (2/255 = 7.8e-3). At 64x64 the VAE has a single tile, so VAE patch parallel runs its
 one-tile path here (its multi-tile numerics are tested in test_parallel_dist.py).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+import cli_capture
 from test_pipeline_tiny import tiny_cache, write_image, write_wav  # noqa: F401
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPTURE = os.path.join(REPO, "tests", "cli_capture.py")
 TOL = 2e-4
 
 
@@ -42,18 +37,7 @@ def _cmd(files, out, *extra):
 
 
 def _run(tmp_path, tiny_cache, argv, nproc):
-    env = dict(os.environ, S2V_FAST_CACHE=tiny_cache, PYTHONPATH=REPO, GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launch = [sys.executable, CAPTURE] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(nproc), CAPTURE]
-    r = subprocess.run([*launch, str(tmp_path), *argv], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    results = [torch.load(tmp_path / f"result_rank{i}.pt") for i in range(nproc)]
-    return r, results
+    return cli_capture.run(tmp_path, argv, nproc, env=dict(S2V_FAST_CACHE=tiny_cache))
 
 
 @pytest.fixture(scope="module")
