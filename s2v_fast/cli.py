@@ -284,7 +284,7 @@ def cmd_generate(args) -> int:
     """``generate`` and ``profile`` (the same run; profile has short defaults and a profile dir)."""
     from .parallel.config import destroy_distributed
     from .pipeline import S2VPipeline
-    from .profiling.session import ProfileOptions, run_profiled
+    from .profiling.session import ProfileOptions
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_rank_zero() else (lambda *a: None)
     if args.max_area is None:
@@ -307,13 +307,16 @@ def cmd_generate(args) -> int:
         if args.vae_use_tiling:
             pipe.vae.enable_tiling()
         log(f"Loaded in {time.perf_counter() - t0:.1f} s (precision {pipe.precision})")
-        return _run(pipe, args, profile, run_profiled)
+        return _run(pipe, args, profile)
     finally:
         if options["parallel"] is not None:
             destroy_distributed()
 
 
-def _run(pipe, args, profile, run_profiled) -> int:
+def _run(pipe, args, profile) -> int:
+    """One generation (under the profiler when asked); rank 0 prints the summary."""
+    from .profiling.session import run_profiled
+
     progress = ProgressDisplay(enabled=not args.quiet)
 
     def run(stage_timer):
