@@ -309,6 +309,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, help="substrings of names to run (e.g. attention qk_norm)")
     ap.add_argument("--no-cross", action="store_true", help="skip the 512-key cross-attention shapes")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on tiny shapes")
+    ap.add_argument("--topic", default="kernels", help="results file topic (default kernels)")
     a = ap.parse_args(argv)
     cfg = Cfg()
     if a.quick:
@@ -324,7 +325,7 @@ def main(argv=None):
     print()
     print_table(recs)
     if not a.smoke:
-        print("wrote", write_json(recs))
+        print("wrote", write_json(recs, a.topic))
     return 0
 
 

@@ -74,6 +74,10 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
     g.add_argument("--precision", choices=["fast", "reference"], default=None,
                    help="DiT path: fast (fused Triton kernels, per-clip caches) or reference "
                         "(the official op order) (default: fast on CUDA, reference on CPU)")
+    g.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                   help="fp8: FP8 e4m3 GEMMs for the DiT's attention/FFN/audio linears (per-token "
+                        "activation and per-channel weight scales; opt-in, changes numerics: see "
+                        "README) (default: none, the exact bf16 path)")
     g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
                    help="attention kernels; auto times the available ones per shape on CUDA "
                         "(default: $S2V_ATTENTION_BACKEND or auto)")
@@ -117,7 +121,7 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
                         "stage; the encoders are freed after use")
     g.add_argument("--enable-layerwise-offload", action="store_true",
                    help="as --enable-cpu-offload, and stream the DiT blocks from host memory one "
-                        "at a time (lowest GPU memory; needs --precision reference for now)")
+                        "at a time (lowest GPU memory)")
 
     add_parallel_args(p)
     add_profiling_arguments(p, require_dir=profile)
@@ -261,8 +265,8 @@ def precheck_inputs(args) -> None:
 def prepare_options(args, device, log) -> dict:
     """Check the precision / attention / offload / multi-GPU flags (no weights loaded) and
     return the matching ``S2VPipeline.from_pretrained`` keyword arguments."""
-    from .runtime import (OFFLOAD_FLAGS, apply_attention_backend, offload_mode_from_flags,
-                          parallel_config_from_args, resolve_precision)
+    from .runtime import (OFFLOAD_FLAGS, apply_attention_backend, check_quantization,
+                          offload_mode_from_flags, parallel_config_from_args, resolve_precision)
 
     offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
     apply_attention_backend(args.attention_backend, device)
@@ -276,8 +280,9 @@ def prepare_options(args, device, log) -> dict:
     if parallel is not None:
         log(f"Multi-process run: {parallel.describe()} over {os.environ.get('WORLD_SIZE', '1')} "
             f"process(es)")
+    quantization = check_quantization(args.quantization, offload=offload, parallel=parallel)
     return dict(precision=precision, offload=offload, free_encoders=offload is not None,
-                parallel=parallel)
+                quantization=quantization, parallel=parallel)
 
 
 def cmd_generate(args) -> int:

@@ -311,7 +311,7 @@ class S2VPipeline:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
                         precision: Optional[str] = None, attention_backend: Optional[str] = None,
                         offload: Optional[str] = None, free_encoders: bool = False,
-                        parallel=None, audio_device=None, cache_dir: Optional[str] = None,
+                        quantization: Optional[str] = None, parallel=None, audio_device=None, cache_dir: Optional[str] = None,
                         load_text_encoder: bool = True, load_audio_encoder: bool = True):
         """Load every component from ``model``: ``"tiny"``, a local checkpoint directory in the
         official layout, or a Hugging Face repo id (downloaded on first use).
@@ -335,8 +335,8 @@ class S2VPipeline:
         from .models.dit import S2VTransformer
         from .models.text_encoder import TextEncoder
         from .models.vae import WanVAE
-        from .runtime import (apply_attention_backend, check_offload_mode, init_parallel,
-                              resolve_precision, validate_parallel_for_model)
+        from .runtime import (apply_attention_backend, check_offload_mode, check_quantization,
+                              init_parallel, resolve_precision, validate_parallel_for_model)
 
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
@@ -345,6 +345,7 @@ class S2VPipeline:
             apply_attention_backend(attention_backend, device)
         pconf = getattr(parallel, "config", parallel)  # ParallelState -> its ParallelConfig
         precision, _ = resolve_precision(precision, device, offload=offload, parallel=pconf)
+        quantization = check_quantization(quantization, offload=offload, parallel=pconf)
         path = hub.resolve_model(model, cache_dir=cache_dir)
         state = None
         if parallel is not None:
@@ -366,6 +367,10 @@ class S2VPipeline:
             else:
                 dit = S2VTransformer.from_pretrained(path, device=load_device, dtype=dtype)
             dit.precision = precision
+            if quantization != "none":  # in place, layer by layer; attention backend unchanged
+                from .quantization import quantize_dit
+
+                quantize_dit(dit, quantization, attention=False)
             vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
                                    dtype=torch.float32)
             text = (TextEncoder.from_pretrained(path, device=load_device, dtype=dtype)

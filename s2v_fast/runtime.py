@@ -18,7 +18,7 @@ PRECISIONS = ("fast", "reference")
 OFFLOAD_MODES = ("cpu", "layerwise")
 OFFLOAD_FLAGS = {"cpu": "--enable-cpu-offload", "layerwise": "--enable-layerwise-offload"}
 # Backends whose kernels exist only on CUDA (triton also runs under TRITON_INTERPRET=1).
-_CUDA_ONLY_BACKENDS = ("cudnn", "sdpa_flash", "triton")
+_CUDA_ONLY_BACKENDS = ("cudnn", "sdpa_flash", "triton", "fp8")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -34,7 +34,7 @@ def apply_attention_backend(name: str, device=None) -> str:
 
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type != "cuda" and name in _CUDA_ONLY_BACKENDS and not (
-            name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            name in ("triton", "fp8") and os.environ.get("TRITON_INTERPRET") == "1"):
         raise InputError(f"--attention-backend {name} needs a CUDA device; on the CPU use "
                          "--attention-backend auto or sdpa")
     try:
@@ -140,3 +140,23 @@ def init_parallel(parallel, device: torch.device):
     if not isinstance(parallel, ParallelConfig):
         return parallel
     return init_distributed(parallel, backend="gloo" if device.type != "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- quantization
+def check_quantization(mode: Optional[str], *, offload: Optional[str] = None, parallel=None) -> str:
+    """``--quantization``: 'none' or 'fp8' (FP8 e4m3 GEMMs for the large DiT linears). Combinations
+    that are not supported yet are one-line errors naming the flag."""
+    from .quantization import MODES
+
+    mode = (mode or "none").lower()
+    if mode not in MODES:
+        raise InputError(f"--quantization {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "none":
+        return mode
+    if offload is not None:
+        raise InputError(f"--quantization {mode} cannot be combined with {OFFLOAD_FLAGS[offload]} yet; "
+                         "drop one of them")
+    if parallel is not None and getattr(parallel, "tensor_parallel_size", 1) > 1:
+        raise InputError(f"--quantization {mode} cannot be combined with --tensor-parallel-size > 1 "
+                         "yet; use --ulysses-degree / --ring-degree instead")
+    return mode

@@ -10,6 +10,8 @@ Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
 * ``cudnn``: SDPA restricted to cuDNN attention (the official code's fastest path on H100).
 * ``sdpa_flash``: SDPA restricted to its built-in FlashAttention-2.
 * ``triton``: our Triton flash-attention forward (``flash_attention.py``).
+* ``fp8``: our FP8 Triton attention (``fp8_attention.py``; opt-in, changes numerics: per-token
+  Q/K e4m3 scales, K mean-centred).
 * ``flash_attn``: the ``flash_attn`` package (FlashAttention-3 ``flash_attn_interface`` when
   importable, else FlashAttention-2); only listed when installed.
 * ``auto`` (default): on CUDA, the first call of each shape class times every available
@@ -89,7 +91,7 @@ del _fa
 AUTO_CANDIDATES = ("cudnn", "triton", "flash_attn", "sdpa_flash")
 # Shapes below this many score entries (Lq * Lk per head) are cheap: auto uses plain SDPA.
 AUTO_MIN_SCORES = 1 << 22
-BACKEND_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "triton", "flash_attn")
+BACKEND_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "triton", "flash_attn", "fp8")
 
 _current = os.environ.get(ENV_VAR, "auto") or "auto"
 _auto_choice: Dict[Tuple, str] = {}
