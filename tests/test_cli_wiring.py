@@ -189,13 +189,6 @@ def test_offload_flags_are_exclusive(files, tmp_path, capsys):
     _one_error_line(capsys, "exclusive")
 
 
-def test_fast_precision_with_tensor_parallel_is_refused(files, tmp_path, capsys):
-    # refused before any weights load (no torchrun needed: the check comes first)
-    assert cli.main(_args(files, tmp_path / "o.mp4", "--precision", "fast",
-                          "--tensor-parallel-size", "2")) == 2
-    _one_error_line(capsys, "--tensor-parallel-size")
-
-
 @pytest.mark.parametrize("flag, mode", [("--enable-cpu-offload", "cpu"),
                                         ("--enable-layerwise-offload", "layerwise")])
 def test_cli_offload_same_frames(flag, mode, files, tmp_path, capsys, monkeypatch, tiny_cache):
