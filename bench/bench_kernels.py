@@ -32,6 +32,7 @@ from s2v_fast.kernels import flash_attention as fa
 from s2v_fast.kernels import gated_residual as gr
 from s2v_fast.kernels import norm_modulate as nm
 from s2v_fast.kernels import qk_norm_rope as qr
+from s2v_fast.kernels import rms_norm as rn
 
 COPY_CEILING_GBS = 3000.0  # measured H100 device-to-device copy (read + write), ENVIRONMENT.md
 C, H, D = 5120, 40, 128
@@ -94,6 +95,12 @@ def case_norm_modulate(cfg, L, Lv, Nf, dev):
     return (lambda: nm.norm_modulate(x, sh, sc, Lv, out=out),
             lambda: nm.norm_modulate_reference(x, sh, sc, Lv),
             L * cfg.C * (4 + 2))
+
+
+def case_rms_norm(cfg, L, Lv, Nf, dev):
+    x = _randn(1, L, cfg.C, dtype=torch.bfloat16, dev=dev, scale=2)
+    w = (1 + _randn(cfg.C, dev=dev, scale=0.3)).to(torch.bfloat16)
+    return (lambda: rn.rms_norm(x, w), lambda: rn.rms_norm_reference(x, w), L * cfg.C * (2 + 2))
 
 
 def case_gated_residual(cfg, L, Lv, Nf, dev):
@@ -182,6 +189,7 @@ def case_audio_residual_add(cfg, L, Lv, Nf, dev):
 
 KERNEL_CASES = {
     "norm_modulate": case_norm_modulate,
+    "rms_norm": case_rms_norm,
     "gated_residual": case_gated_residual,
     "gated_residual_layernorm_affine": case_gated_residual_layernorm_affine,
     "residual_add_norm_modulate": case_residual_add_norm_modulate,
