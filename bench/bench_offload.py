@@ -126,6 +126,7 @@ def main(argv=None):
                     help="DiT precision mode (default fast, the CUDA default)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, small shape, CPU ok; no JSON")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--topic", default="offload", help="results file topic (default offload)")
     args = ap.parse_args(argv)
     modes = [m.strip().replace("-", "_") for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -238,7 +239,7 @@ def main(argv=None):
             print(f"[offload] issue-9 target (layerwise peak <= 24 GB, <= 1.15x none): "
                   f"{'MET' if ok else 'NOT MET'}", flush=True)
     if not args.smoke and not args.no_write:
-        path = write_results("offload", rows, extra={"preset": args.preset, "warmup": args.warmup,
+        path = write_results(args.topic, rows, extra={"preset": args.preset, "warmup": args.warmup,
                                                        "iters": args.iters, "build_s": round(build_s, 1),
                                                        "weights_gb": round(total_params_gb, 3),
                                                        "block_weights_gb": round(block_params_gb, 3)})

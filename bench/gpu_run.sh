@@ -23,6 +23,7 @@ stage() {
     compile) python3 bench/bench_dit.py --sizes 448x832 --modes fast,compile --topic dit_compile ;;
     vae) python3 bench/bench_vae.py ;;
     offload) python3 bench/bench_offload.py ;;
+    offload704) python3 bench/bench_offload.py --height 704 --width 1280 --iters 2 --topic offload704 ;;
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
     fp8) python3 bench/bench_fp8.py ;;
     audio) python3 bench/bench_audio_features.py ;;
