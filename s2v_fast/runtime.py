@@ -62,18 +62,9 @@ def offload_mode_from_flags(cpu: bool, layerwise: bool) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- precision
-def _fast_path_flag(name: str) -> bool:
-    from .models import fast_path
-
-    return bool(getattr(fast_path, name, False))
-
-
 def fast_precision_blocker(offload: Optional[str] = None, parallel=None) -> Optional[str]:
     """Why precision 'fast' cannot run with these options (None when it can); the reason names
-    the flag. ``parallel``: a ParallelConfig or None."""
-    if offload == "layerwise" and not _fast_path_flag("SUPPORTS_LAYERWISE_OFFLOAD"):
-        return ("precision 'fast' does not support --enable-layerwise-offload yet (its fused "
-                "blocks bypass the per-block hooks)")
+    the flag. ``parallel``: a ParallelConfig or None. (Every offload mode supports 'fast'.)"""
     if parallel is not None:
         from .parallel.runner import fast_precision_unsupported
 

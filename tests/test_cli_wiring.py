@@ -116,6 +116,10 @@ def test_precision_rule():
     assert resolve_precision(None, cuda, offload="layerwise") == ("fast", None)
     assert resolve_precision(None, cuda, offload="cpu") == ("fast", None)
     assert resolve_precision(None, cuda, parallel=ParallelConfig(ulysses_degree=2)) == ("fast", None)
+    even = ParallelConfig(ulysses_degree=2, shard_policy="even")  # shards not frame-aligned
+    assert resolve_precision(None, cuda, parallel=even)[0] == "reference"
+    with pytest.raises(InputError, match="--sp-shard-policy"):
+        resolve_precision("fast", cuda, parallel=even)
     with pytest.raises(InputError, match="--tensor-parallel-size"):
         resolve_precision("fast", cuda, parallel=ParallelConfig(tensor_parallel_size=2))
     assert resolve_precision(None, cuda, parallel=ParallelConfig(tensor_parallel_size=2))[0] == "reference"

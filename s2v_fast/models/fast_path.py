@@ -78,10 +78,8 @@ def build_clip_cache(model, cond) -> ClipCache:
 # Sequence parallel (s2v_fast.parallel) runs this path: self-attention goes through
 # ``SelfAttention.attend`` and the clip cache is built from the rank's shard of the conditions; the
 # audio injection runs on whole local latent frames, so the shards must be frame-aligned.
-SUPPORTS_SEQUENCE_PARALLEL = True
 # Layerwise offload: blocks run through their forward hooks (``_with_module_hooks``) and each
 # block's text K/V is computed inside them, so offloaded weights are on the GPU when used.
-SUPPORTS_LAYERWISE_OFFLOAD = True
 
 # FFN up-projection + tanh-GELU in one cuBLASLt call (GELU applied to the fp32 accumulator in the
 # GEMM epilogue, then one bf16 rounding; the reference rounds before the GELU: <= 1 bf16 ulp of

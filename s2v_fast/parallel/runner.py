@@ -60,10 +60,9 @@ class ParallelDiT:
 
     # ------------------------------------------------------------------ one DiT call
     def _check_precision(self, cond) -> None:
-        """The fused fast path (models/fast_path.py) bypasses the TP hooks; it supports sequence
-        parallelism only once it routes self-attention through ``SelfAttention.attend`` (it then
-        sets ``SUPPORTS_SEQUENCE_PARALLEL = True``), and only with frame-aligned shards (its
-        audio injection runs on whole local frames)."""
+        """The fused fast path (models/fast_path.py) bypasses the TP hooks; it runs sequence
+        parallel through ``SelfAttention.attend``, with frame-aligned shards only (its audio
+        injection runs on whole local frames)."""
         if getattr(self.model, "precision", "reference") != "fast":
             return
         reason = fast_precision_unsupported(self.state.config)
@@ -121,11 +120,8 @@ def fast_precision_unsupported(config) -> Optional[str]:
     names the flag. Checked before loading (pipeline) and at every step (ParallelDiT)."""
     if config.tensor_parallel_size > 1:
         return "precision 'fast' does not support --tensor-parallel-size > 1 yet"
-    if config.sp_degree > 1:
-        from ..models import fast_path
-
-        if not getattr(fast_path, "SUPPORTS_SEQUENCE_PARALLEL", False):
-            return "precision 'fast' does not support --ulysses-degree/--ring-degree > 1 yet"
+    if config.sp_degree > 1 and getattr(config, "shard_policy", "frame") != "frame":
+        return "precision 'fast' needs frame-aligned sequence shards (--sp-shard-policy frame)"
     return None
 
 
