@@ -48,7 +48,7 @@ def main():
         if B == 2:
             run("cudnn_contiguous_b2_as_2x_b1",
                 lambda: [cudnn(qc[i:i + 1], kc[i:i + 1], vc[i:i + 1]) for i in range(2)], 2)
-        del qkv, q, k, v, qc, kc, vc
+        torch.cuda.empty_cache()
     print("wrote", write_results("attention_layout", rows))
     return 0
 

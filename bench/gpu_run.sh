@@ -27,6 +27,7 @@ stage() {
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
     fp8) python3 bench/bench_fp8.py ;;
     audio) python3 bench/bench_audio_features.py ;;
+    attnlayout) python3 bench/bench_attention_layout.py ;;
     rmsnorm) python3 bench/bench_kernels.py --quick --only kernel_rms_norm --topic kernels_rms_norm ;;
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
