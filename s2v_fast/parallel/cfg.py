@@ -55,6 +55,6 @@ def make_denoiser(dit, state: ParallelState, dtype, guidance_scale, batch_cfg=Tr
     pipeline's own ``CFGDenoiser`` over the (possibly sequence/tensor parallel) DiT."""
     if state.config.cfg_parallel_size == 2:
         return ParallelCFGDenoiser(dit, state, dtype, guidance_scale, **inputs)
-    from ..pipeline import CFGDenoiser
+    from ..denoiser import CFGDenoiser
 
     return CFGDenoiser(dit, dtype, guidance_scale, batch_cfg, **inputs)
