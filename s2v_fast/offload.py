@@ -302,18 +302,37 @@ USE_HOST_REGISTER = True  # page-lock with cudaHostRegister (exact size) instead
 _PIN_FALLBACK_MAX = 2 ** 30  # larger buffers stay pageable if cudaHostRegister fails (2x waste)
 
 
+# Below this size use the caching pinned allocator: small CPU allocations come from the heap and
+# can share a page with an earlier registered buffer, and registering a page twice fails
+# (cudaErrorHostMemoryAlreadyRegistered). Large ones are mmapped (pages of their own); there the
+# allocator's power-of-two rounding would waste up to 2x, so they are registered exactly.
+_REGISTER_MIN = 64 * 2 ** 20
+
+
+def _page_locked(nbytes: int) -> Optional[torch.Tensor]:
+    """An ordinary host buffer page-locked with ``cudaHostRegister``, or None if that fails."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+    try:
+        rt = torch.cuda.cudart()
+        err = rt.cudaHostRegister(buf.data_ptr(), nbytes, 0)
+    except Exception:  # pragma: no cover - binding missing: use the pinned allocator
+        return None
+    if int(getattr(err, "value", err)) == 0:
+        return buf
+    clear = getattr(rt, "cudaGetLastError", None)  # a failed call leaves the error set
+    if clear is not None:
+        clear()
+    return None
+
+
 def _alloc_host(nbytes: int, pin: bool) -> Tuple[torch.Tensor, bool]:
     """-> (uint8 host buffer, registered-with-cudaHostRegister)."""
     if not pin:
         return torch.empty(nbytes, dtype=torch.uint8, device="cpu"), False
-    if USE_HOST_REGISTER:
-        buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
-        try:
-            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
-            if int(getattr(err, "value", err)) == 0:
-                return buf, True
-        except Exception:  # pragma: no cover - binding missing: use the pinned allocator
-            pass
+    if USE_HOST_REGISTER and nbytes >= _REGISTER_MIN:
+        buf = _page_locked(nbytes)
+        if buf is not None:
+            return buf, True
     if nbytes > _PIN_FALLBACK_MAX:
         warnings.warn(f"offload: cannot page-lock {nbytes / 2**30:.1f} GiB with cudaHostRegister; "
                       "using pageable host memory (copies will not overlap compute)")
