@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from results_io import cuda_time_ms, write_results  # noqa: E402
+from results_io import time_ms, write_results  # noqa: E402
 
 from s2v_fast.kernels.attention import _BACKENDS  # noqa: E402
 
@@ -32,7 +32,7 @@ def main():
     rows = []
 
     def run(name, fn, batch):
-        t = cuda_time_ms(fn, warmup=3, iters=10)
+        t = time_ms(fn, warmup=3, iters=10)
         fl = 4 * batch * H * D * L * L
         rows.append(dict(name=name, batch=batch, tokens=L, **t,
                          tflops=round(fl / (t["median_ms"] * 1e-3) / 1e12, 1)))

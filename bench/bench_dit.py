@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dit_common import build_random_dit, make_inputs  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import time_ms, write_results  # noqa: E402
 
 from s2v_fast.kernels import attention as attn  # noqa: E402
 from s2v_fast.profiling.flops import dit_forward_flops, s2v_token_counts  # noqa: E402
@@ -48,27 +48,6 @@ MODES = ("forward", "reference", "fast", "fast_sep_gelu", "compile")
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def time_ms(fn, dev, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize(dev)
-            ts.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return {"median_ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1], "runs": iters}
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -118,7 +97,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         inp1 = {k: (v[:1] if isinstance(v, torch.Tensor) and k != "t" else v) for k, v in inp2.items()}
         inp1["t"], inp1["context"] = inp2["t"][:1], inp2["context"][:1]
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
-        t = time_ms(lambda: model(**inp1), dev, args.warmup, args.iters)
+        t = time_ms(lambda: model(**inp1), args.warmup, args.iters)
         row(f"{prefix}_forward_{tag}_bf16", t, 1, precision="reference", motion=True)
 
     if any(m in modes for m in ("reference", "fast", "fast_sep_gelu", "compile")):
@@ -126,7 +105,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         outs["reference"] = model(**inp2)
         if "reference" in modes:
-            t = time_ms(lambda: model(**inp2), dev, args.warmup, args.iters)
+            t = time_ms(lambda: model(**inp2), args.warmup, args.iters)
             row(f"{prefix}_step_{tag}_reference", t, 2, precision="reference", cfg="batch 2")
 
     x, tt = inp2["x"], inp2["t"]
@@ -136,10 +115,10 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         model.precision = "fast"
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         prep = time_ms(lambda: model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw),
-                       dev, 1, 3)
+                       1, 3)
         cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
         out = model.forward_step(x, tt, cond)
-        t = time_ms(lambda: model.forward_step(x, tt, cond), dev, args.warmup, args.iters)
+        t = time_ms(lambda: model.forward_step(x, tt, cond), args.warmup, args.iters)
         r = row(f"{prefix}_step_{tag}_fast", t, 2, precision="fast", cfg="batch 2",
                 prepare_ms=round(prep["median_ms"], 1), **compare(out, outs["reference"]),
                 auto_choices=str({f"Lq{k[5]}/Lk{k[6]}": v for k, v in attn.auto_choices().items()}))
@@ -155,7 +134,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         try:
             cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
             out = model.forward_step(x, tt, cond)
-            t = time_ms(lambda: model.forward_step(x, tt, cond), dev, args.warmup, args.iters)
+            t = time_ms(lambda: model.forward_step(x, tt, cond), args.warmup, args.iters)
             row(f"{prefix}_step_{tag}_fast_sep_gelu", t, 2, precision="fast", gelu="separate kernel",
                 **compare(out, outs["reference"]))
         finally:
@@ -173,7 +152,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
             out = model.forward_step(x, tt, cond)
             _sync(dev)
             compile_s = time.perf_counter() - t0
-            t = time_ms(lambda: model.forward_step(x, tt, cond), dev, args.warmup, args.iters)
+            t = time_ms(lambda: model.forward_step(x, tt, cond), args.warmup, args.iters)
             row(f"{prefix}_step_{tag}_compile", t, 2, precision="reference+torch.compile(blocks)",
                 first_call_s=round(compile_s, 1), **compare(out, outs["reference"]))
         except Exception as e:  # record, do not lose the other rows

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from results_io import time_ms, write_results  # noqa: E402
 from s2v_fast.kernels import attention as attn_registry  # noqa: E402
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
@@ -69,25 +69,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_ms(fn, warmup, iters):
-    """Median of fn() in ms: CUDA events on the GPU, perf_counter on the CPU (smoke)."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    ts = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+
 
 
 def _err(e: BaseException) -> str:
@@ -136,11 +118,11 @@ def bench_attention_fp8(cfg, L, Lk=None, pv="fp8", config=None, sweep=False):
             rec["tune_log_ms"] = {str(i): t for i, t in fa8.TUNE_LOG[key].items()}
         scale = 1.0 / math.sqrt(cfg.D)
         flops = _attn_flops(1, L, Lk, cfg.H, cfg.D)
-        ms = time_ms(lambda: fa8.fp8_attention(q, k, v, pv=pv, out=out, config=used), cfg.warmup, cfg.iters)
+        ms = time_ms(lambda: fa8.fp8_attention(q, k, v, pv=pv, out=out, config=used), cfg.warmup, cfg.iters)["median_ms"]
         qz = fa8.quantize_qkv(q, k, v, scale, pv)
         kms = time_ms(lambda: fa8.fp8_attention(q, k, v, pv=pv, out=out, config=used, quantized=qz),
-                      cfg.warmup, cfg.iters)
-        qms = time_ms(lambda: fa8.quantize_qkv(q, k, v, scale, pv), cfg.warmup, cfg.iters)
+                      cfg.warmup, cfg.iters)["median_ms"]
+        qms = time_ms(lambda: fa8.quantize_qkv(q, k, v, scale, pv), cfg.warmup, cfg.iters)["median_ms"]
         rec.update(median_ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12, kernel_ms=kms,
                    kernel_TFLOPs=flops / (kms * 1e-3) / 1e12, quant_ms=qms)
         fa8.fp8_attention(q, k, v, pv=pv, out=out, config=used)
@@ -174,7 +156,7 @@ def bench_attention_bf16(cfg, L, Lk=None, backend=None):
         fn = attn_registry._BACKENDS[backend]
         q, k, v = fa8.make_realistic_qkv(1, L, cfg.H, cfg.D, Lk, seed=L + Lk, device=cfg.device)
         out = fn(q, k, v)
-        ms = time_ms(lambda: fn(q, k, v), cfg.warmup, cfg.iters)
+        ms = time_ms(lambda: fn(q, k, v), cfg.warmup, cfg.iters)["median_ms"]
         rec.update(median_ms=ms, TFLOPs=_attn_flops(1, L, Lk, cfg.H, cfg.D) / (ms * 1e-3) / 1e12)
         rec.update(_attn_accuracy(out, q, k, v, cfg.q_stride, emulate=False))
     except Exception as e:
@@ -230,15 +212,15 @@ def bench_gemm(cfg, M, N, K, recs):
             # True: the real fp8 GEMM ran (torch._scaled_mm); False: the fp32 emulation did
             fp8["scaled_mm"] = fg.scaled_mm_usable(w8[:1], w8, torch.bfloat16)
             fp8["scaled_mm_state"] = dict(fg._SCALED_MM_STATE)
-            ms = time_ms(lambda: fg.fp8_linear(x, w8, sw, bias), cfg.warmup, cfg.iters)
+            ms = time_ms(lambda: fg.fp8_linear(x, w8, sw, bias), cfg.warmup, cfg.iters)["median_ms"]
             a8, sa = fg.quantize_rows(x)
-            gms = time_ms(lambda: fg.fp8_gemm(a8, sa, w8, sw, bias), cfg.warmup, cfg.iters)
-            qms = time_ms(lambda: fg.quantize_rows(x, out=a8, scale=sa), cfg.warmup, cfg.iters)
+            gms = time_ms(lambda: fg.fp8_gemm(a8, sa, w8, sw, bias), cfg.warmup, cfg.iters)["median_ms"]
+            qms = time_ms(lambda: fg.quantize_rows(x, out=a8, scale=sa), cfg.warmup, cfg.iters)["median_ms"]
             fp8.update(median_ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12, gemm_ms=gms,
                        gemm_TFLOPs=flops / (gms * 1e-3) / 1e12, quant_ms=qms,
                        quant_GBps=M * K * (x.element_size() + 1) / (qms * 1e-3) / 1e9)
             try:
-                fms = time_ms(lambda: fg.fp8_gemm(a8, sa, w8, sw, bias, use_fast_accum=True), cfg.warmup, cfg.iters)
+                fms = time_ms(lambda: fg.fp8_gemm(a8, sa, w8, sw, bias, use_fast_accum=True), cfg.warmup, cfg.iters)["median_ms"]
                 fp8.update(fast_accum_ms=fms, fast_accum_TFLOPs=flops / (fms * 1e-3) / 1e12)
             except Exception as e:
                 fp8["fast_accum_error"] = _err(e)
@@ -249,7 +231,7 @@ def bench_gemm(cfg, M, N, K, recs):
         _free()
         try:
             yb = torch.nn.functional.linear(x, w, bias)
-            ms = time_ms(lambda: torch.matmul(x, w.t()), cfg.warmup, cfg.iters)
+            ms = time_ms(lambda: torch.matmul(x, w.t()), cfg.warmup, cfg.iters)["median_ms"]
             bf.update(median_ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12)
             bf.update(fg.accuracy(yb[:n_acc], ref))
         except Exception as e:
@@ -347,7 +329,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fast", tokens=tokens, attention=bf16_backend,
                  build_s=build_s)
         try:
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)
+            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
             with BlockRecorder() as rec_bf:
                 out_bf = step().float()
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
@@ -387,7 +369,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fp8linear", tokens=tokens, attention=bf16_backend,
                  quantize_s=qs)
         try:
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)
+            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
             r["speedup_vs_fast"] = rows["fast"]["median_ms"] / r["median_ms"]
             with BlockRecorder() as rec_l:
                 out_l = step().float()
@@ -407,7 +389,7 @@ def bench_dit(cfg, recs):
             attn_registry.set_attention_backend("fp8")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)
+            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
             with BlockRecorder() as rec_8:
                 out_8 = step().float()
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
@@ -524,7 +506,6 @@ def main(argv=None):
     print()
     _print_details(recs)
     if not a.smoke:
-        from results_io import write_results
 
         print("wrote", write_results(a.topic, recs, extra=dict(wall_s=_elapsed(), heads=cfg.H, head_dim=cfg.D,
                                                                fallbacks=_fallbacks())))

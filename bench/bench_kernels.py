@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 if __name__ == "__main__" and "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from results_io import time_ms, write_results  # noqa: E402
 from s2v_fast.kernels import audio_injection as ai
 from s2v_fast.kernels import flash_attention as fa
 from s2v_fast.kernels import gated_residual as gr
@@ -46,32 +45,6 @@ class Cfg:
     shapes = SHAPES
     warmup, iters = 5, 20
     device = "cuda"
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, warmup, iters):
-    """Median wall time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU (smoke)."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    ts = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def _maxdiff(a, b):
@@ -209,8 +182,8 @@ def bench_kernel(op, L, cfg):
     torch.manual_seed(L)
     fast, ref, nbytes = KERNEL_CASES[op](cfg, L, Lv, Nf, cfg.device)
     diff = None if op in _NO_DIFF else _maxdiff(fast(), ref())
-    t_fast = time_ms(fast, cfg.warmup, cfg.iters)
-    t_ref = time_ms(ref, max(1, cfg.warmup // 2), max(3, cfg.iters // 2))
+    t_fast = time_ms(fast, cfg.warmup, cfg.iters)["median_ms"]
+    t_ref = time_ms(ref, max(1, cfg.warmup // 2), max(3, cfg.iters // 2))["median_ms"]
     gbs = nbytes / (t_fast * 1e-3) / 1e9
     return dict(name=f"kernel_{op}_{L}", op=op, tokens=L, noisy_tokens=Lv, C=cfg.C,
                 median_ms=t_fast, ref_median_ms=t_ref, speedup=t_ref / t_fast,
@@ -254,7 +227,7 @@ def bench_attention(backend, L, cfg, Lk=None):
     rec = dict(name=name, backend=backend, tokens=L, keys=lk, heads=cfg.H, head_dim=cfg.D)
     if backend == "triton" and hasattr(fa, "_TUNED"):
         rec["config"] = {str(k_): v_ for k_, v_ in fa._TUNED.items()}.__repr__()[:400]
-    ms = time_ms(fn, max(1, cfg.warmup // 2), max(3, cfg.iters // 2))
+    ms = time_ms(fn, max(1, cfg.warmup // 2), max(3, cfg.iters // 2))["median_ms"]
     rec.update(median_ms=ms, TFLOPs=4 * cfg.H * cfg.D * L * lk / (ms * 1e-3) / 1e12)
     if backend != "triton":
         rec["max_abs_diff_vs_triton"] = _maxdiff(fa.triton_attention(q, k, v), out)
@@ -266,8 +239,6 @@ def bench_attention(backend, L, cfg, Lk=None):
 
 def write_json(records, topic="kernels"):
     """JSON in the project's results form (bench/results_io.py): ``<topic>-<device>-<date>.json``."""
-    from results_io import write_results
-
     shapes = dict(C=C, H=H, D=D, tokens={str(k): dict(noisy=v[0], per_frame=v[1]) for k, v in SHAPES.items()})
     return write_results(topic, records, extra=dict(shapes=shapes))
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from dit_common import build_random_dit, make_inputs, token_count  # noqa: E402
-from results_io import cuda_time_ms, write_results  # noqa: E402
+from results_io import time_ms, write_results  # noqa: E402
 
 from s2v_fast.offload import ModelOffloader, enable_layerwise_offload  # noqa: E402
 
@@ -51,20 +51,6 @@ GIB = 2 ** 30
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _time(fn, dev, warmup, iters):
-    if dev.type == "cuda":
-        return cuda_time_ms(fn, warmup=warmup, iters=iters)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return {"median_ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1], "runs": iters}
 
 
 def _reset_peak(dev):
@@ -194,14 +180,14 @@ def main(argv=None):
     for mode in ordered:
         if mode == "none":
             _reset_peak(dev)
-            timing = _time(step, dev, args.warmup, args.iters)
+            timing = time_ms(step, args.warmup, args.iters)
             add_row(mode, timing, {"per_block_ms": round(timing["median_ms"] / nb, 3)}, step())
         elif mode.startswith("layerwise"):
             setup_ms, lw = _elapsed_ms(lambda: enable_layerwise_offload(
                 model, dev, prefetch=(mode == "layerwise")), dev)
             copy_ms, gbps = _block_copy_ms(lw, dev)
             _reset_peak(dev)
-            timing = _time(step, dev, args.warmup, args.iters)
+            timing = time_ms(step, args.warmup, args.iters)
             out = step()
             extra = {"setup_s": round(setup_ms / 1e3, 2), "block_gb": round(lw.block_bytes / GB, 4),
                      "block_copy_ms": copy_ms and round(copy_ms, 2),
@@ -218,7 +204,7 @@ def main(argv=None):
             _reset_peak(dev)
             onload_ms, _ = _elapsed_ms(lambda: off.onload("dit"), dev)
             with off.use("dit"):
-                timing = _time(step, dev, args.warmup, args.iters)
+                timing = time_ms(step, args.warmup, args.iters)
                 out = step()
             offload_ms, _ = _elapsed_ms(lambda: off.offload("dit"), dev)
             spc = args.steps_per_clip

@@ -63,23 +63,28 @@ def write_results(topic: str, results: list[dict], out_dir: str | None = None, e
     return path
 
 
-def cuda_time_ms(fn, warmup: int = 2, iters: int = 5, setup=None) -> dict:
-    """Median/min/max of ``fn()`` in ms with CUDA events; ``setup()`` (untimed) runs before each call."""
+def time_ms(fn, warmup: int = 2, iters: int = 5) -> dict:
+    """Median/min/max of ``fn()`` in ms: CUDA events on a GPU (after warm-up, synchronised), the
+    host clock on a CPU (``--smoke`` plumbing runs)."""
+    import time
+
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
-        if setup is not None:
-            setup()
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        if setup is not None:
-            setup()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "runs": iters}
