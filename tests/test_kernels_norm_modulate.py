@@ -5,15 +5,8 @@ import torch
 from s2v_fast.kernels._utils import row_norm_launch
 from s2v_fast.kernels.norm_modulate import norm_modulate, norm_modulate_reference
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from util import DEV, bf16_ulps
 
-
-def bf16_ulps(a, b):
-    """Elementwise distance in bf16 ulps (exact, via the ordered bit patterns)."""
-    def ordered(t):
-        i = t.to(torch.bfloat16).view(torch.int16).to(torch.int32)
-        return torch.where(i < 0, -(i & 0x7FFF), i)
-    return (ordered(a) - ordered(b)).abs()
 
 
 def assert_bf16_close(got, ref, max_frac=0.01):

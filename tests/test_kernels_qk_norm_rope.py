@@ -5,14 +5,8 @@ import torch
 
 from s2v_fast.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from util import DEV, bf16_ulps
 
-
-def bf16_ulps(a, b):
-    def ordered(t):
-        i = t.to(torch.bfloat16).view(torch.int16).to(torch.int32)
-        return torch.where(i < 0, -(i & 0x7FFF), i)
-    return (ordered(a) - ordered(b)).abs()
 
 
 def make(B, L, H, D, seed=0, fused_qkv=True):

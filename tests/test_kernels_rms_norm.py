@@ -6,14 +6,8 @@ import torch
 from s2v_fast.kernels.rms_norm import TOLERANCES, rms_norm, rms_norm_reference
 from s2v_fast.models.block import rms_norm as block_rms_norm
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from util import DEV, bf16_ulps
 
-
-def bf16_ulps(a, b):
-    def ordered(t):
-        i = t.to(torch.bfloat16).view(torch.int16).to(torch.int32)
-        return torch.where(i < 0, -(i & 0x7FFF), i)
-    return (ordered(a) - ordered(b)).abs()
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 96), (1, 5, 5120), (3, 33), (2, 4, 3, 40)])

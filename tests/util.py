@@ -1,5 +1,7 @@
-"""Shared helpers for tests (golden metric, fixture loading)."""
+"""Shared helpers for tests (golden metric, fixture loading, bf16 ulp distance)."""
 import os
+
+import torch
 
 from safetensors.torch import load_file
 
@@ -20,3 +22,14 @@ def rel_err(candidate, expected):
     e = expected.detach().double().cpu()
     denom = e.abs().max().item()
     return (c - e).abs().max().item() / (denom if denom > 0 else 1.0)
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # kernel tests: the GPU when there is one
+
+
+def bf16_ulps(a, b):
+    """Elementwise distance in bf16 ulps (exact, via the ordered bit patterns)."""
+    def ordered(t):
+        i = t.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+    return (ordered(a) - ordered(b)).abs()
