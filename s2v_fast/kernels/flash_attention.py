@@ -48,7 +48,8 @@ TOLERANCES = {
 }
 
 # Tuning list (the lead tunes this on the H100). Keys: BLOCK_M, BLOCK_N, num_warps, num_stages,
-# TMA (device tensor descriptors), WS (warp-specialised KV loop; needs TMA to be useful).
+# TMA (device tensor descriptors), WS (warp-specialised KV loop; needs TMA to be useful), LAZY
+# (rescale acc only when a row max grows by > 2^8).
 # Offline sm_90a compiles with triton 3.9 (ptxas -v): entries 0-3 and 5 use <= 250 registers with
 # no spills; entry 4 spills there unless the WS data partitioning of triton 3.6 splits its rows.
 FLASH_CONFIGS = [
@@ -62,6 +63,17 @@ FLASH_CONFIGS = [
     # deeper K/V pipelines (added after the first H100 run: best plain config at ~498 TFLOP/s)
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, TMA=True, WS=False),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=False, WS=False),
+    # Session 3 (offline sm_90 SASS with triton 3.6): a 2-warpgroup CTA runs QK^T -> wait -> CTA
+    # barrier -> softmax -> PV in lockstep, so the tensor cores idle during the softmax. One
+    # warpgroup per CTA with <= ~113 KB of shared memory puts two independent CTAs on an SM, whose
+    # softmax and MMAs can interleave (254 / 138 registers, no spills). LAZY: FA4's lazy rescaling.
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=False),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=False, LAZY=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, WS=False),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, WS=False, LAZY=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False, LAZY=True),
+    # single-buffered (50 KB, 168 registers): three CTAs per SM hide each other's load latency
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1, TMA=True, WS=False, LAZY=True),
 ]
 _SUPPORTED_D = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -74,7 +86,7 @@ if triton is not None:
         k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale,
         lo, hi,
         BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        LAZY: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
             if TMA:
@@ -92,10 +104,23 @@ if triton is not None:
             if MASK_N:
                 qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            if LAZY:
+                # rescale acc/l only when some row's max grew by > 2^8 (FlashAttention-4's lazy
+                # rescaling): p is then taken against a stale max and stays <= 256, exact in fp32
+                # and as exact as ever in bf16 (relative rounding); out = acc / l is unchanged.
+                if tl.max(m_ij - m_i, 0) > 8.0:
+                    alpha = tl.math.exp2(m_i - m_ij)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_ij
+                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+                l_i = l_i + tl.sum(p, 1)
+            else:
+                p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+                alpha = tl.math.exp2(m_i - m_ij)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                m_i = m_ij
             if TMA:
                 v = v_src.load([start_n, 0])
             else:
@@ -109,7 +134,6 @@ if triton is not None:
                 acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
             else:
                 acc = tl.dot(p_lp, v, acc)
-            m_i = m_ij
         return acc, l_i, m_i
 
     @triton.jit
@@ -118,7 +142,8 @@ if triton is not None:
         qk_scale, H, Lq, Lk,
         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr, UPCAST: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -146,11 +171,11 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_inner(
             acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, 0, n_full,
-            BLOCK_N, False, TMA, WS, UPCAST, INTERPRET)
+            BLOCK_N, False, TMA, WS, LAZY, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _attn_inner(
                 acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, n_full, Lk,
-                BLOCK_N, True, TMA, False, UPCAST, INTERPRET)
+                BLOCK_N, True, TMA, False, LAZY, UPCAST, INTERPRET)
         out = to_dtype(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
         if TMA:
             o_desc = tl.make_tensor_descriptor(o_base, shape=[Lq, D], strides=[sol, 1], block_shape=[BLOCK_M, D])
@@ -207,7 +232,7 @@ def _launch(cfg, q, k, v, out, scale):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        TMA=bool(cfg.get("TMA")), WS=ws, UPCAST=interp, INTERPRET=interp,
+        TMA=bool(cfg.get("TMA")), WS=ws, LAZY=bool(cfg.get("LAZY")), UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
