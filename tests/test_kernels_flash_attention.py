@@ -56,7 +56,7 @@ def test_attention_matches_reference(B, Lq, Lk, H, D, dtype):
 
 @pytest.mark.parametrize("idx", range(len(FLASH_CONFIGS)))
 def test_every_config(idx):
-    # every tuning entry (pointer and TMA-descriptor paths, warp-specialised loop) on a tail shape
+    # every tuning entry (pointer and TMA-descriptor paths) on a tail shape
     q, k, v = make(1, 150, 200, 2, 64, torch.float16, seed=idx)
     try:
         got = triton_attention(q, k, v, config=FLASH_CONFIGS[idx])
@@ -67,7 +67,7 @@ def test_every_config(idx):
     check(got, attention_reference(q, k, v), torch.float16)
 
 
-@pytest.mark.parametrize("cfg", [0, 2])
+@pytest.mark.parametrize("cfg", [0, 1])  # TMA descriptors, plain pointers
 def test_strided_qkv_bf16_and_custom_scale(cfg):
     q, k, v = make(1, 200, 200, 2, 128, torch.bfloat16, seed=5, layout="qkv")
     assert not q.is_contiguous()
@@ -90,7 +90,7 @@ def test_gpu_bf16_configs(L, idx):
     q, k, v = make(1, L, L, 8, 128, torch.bfloat16, seed=L)
     try:
         got = triton_attention(q, k, v, config=FLASH_CONFIGS[idx])
-    except Exception as e:  # a config this triton cannot compile (e.g. WS) is skipped by the tuner
+    except Exception as e:  # a config this triton cannot compile is skipped by the tuner
         pytest.skip(f"config {idx} does not compile here: {type(e).__name__}")
     check(got, attention_reference(q, k, v), torch.bfloat16)
 
@@ -100,25 +100,3 @@ def test_gpu_bf16_tuned_cross_attention():
     q, k, v = make(2, 3001, 512, 40, 128, torch.bfloat16, seed=1)
     check(triton_attention(q, k, v), attention_reference(q, k, v), torch.bfloat16)
 
-
-@pytest.mark.parametrize("idx", [i for i, c in enumerate(FLASH_CONFIGS) if c.get("LAZY")])
-def test_lazy_rescale_with_growing_logits(idx):
-    # key norms ramp up along the sequence, so the row maxima keep growing: some key blocks raise
-    # the tile's largest row-max growth above 2^8 (the lazy kernel rescales) and some keep it below
-    # (it keeps the stale max and lets p exceed 1); both must give the exact softmax. fp32 inputs on
-    # CPU: summation order only.
-    cfg = FLASH_CONFIGS[idx]
-    q, k, v = make(1, 150, 640, 2, 64, torch.float32, seed=idx)
-    k = k * torch.linspace(0.1, 2.5, 640, device=k.device).view(1, 640, 1, 1)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8.0 * math.log2(math.e)
-    blocks = s.split(cfg["BLOCK_N"], dim=-1)
-    run = blocks[0].amax(-1)
-    grew = []
-    for blk in blocks[1:]:
-        new_max = torch.maximum(run, blk.amax(-1))
-        grew.append((new_max - run).max().item() > 8)
-        run = new_max
-    assert any(grew) and not all(grew), grew  # both branches are taken
-    if DEV == "cuda":
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    check(triton_attention(q, k, v, config=FLASH_CONFIGS[idx]), attention_reference(q, k, v), q.dtype)

@@ -10,8 +10,7 @@ Strided inputs are read in place (no transposes/copies): any batch/token/head st
 contiguous.
 
 Two load paths, picked per config: plain pointer arithmetic, or on-device TMA tensor descriptors
-(`tl.make_tensor_descriptor`, triton >= 3.4) which also enable warp specialisation of the KV loop
-(`tl.range(..., warp_specialize=True)`). `FLASH_CONFIGS` is the tuning list; the first call per
+(`tl.make_tensor_descriptor`, triton >= 3.4). `FLASH_CONFIGS` is the tuning list; the first call per
 (D, dtype, Lq/Lk bucket) times every config (configs that fail to compile are skipped) and keeps
 the fastest. Env: S2V_FLASH_CONFIG=<index> forces one config; S2V_FLASH_AUTOTUNE=0 uses the first
 config that compiles, without timing.
@@ -33,7 +32,6 @@ from ._utils import (
     is_interpreter,
     kernels_usable,
     next_pow2,
-    range_supports_warp_specialize,
     to_dtype,
     triton,
     tl,
@@ -47,33 +45,23 @@ TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
 }
 
-# Tuning list (the lead tunes this on the H100). Keys: BLOCK_M, BLOCK_N, num_warps, num_stages,
-# TMA (device tensor descriptors), WS (warp-specialised KV loop; needs TMA to be useful), LAZY
-# (rescale acc only when a row max grows by > 2^8).
-# Offline sm_90a compiles with triton 3.9 (ptxas -v): entries 0-3 and 5 use <= 250 registers with
-# no spills; entry 4 spills there unless the WS data partitioning of triton 3.6 splits its rows.
+# Tuning list: BLOCK_M, BLOCK_N, num_warps, num_stages, TMA (on-device tensor descriptors). The
+# first entry is the H100's fastest; the others win on other shapes or GPUs by a few percent (all
+# >= 450 TFLOP/s on the H100 at 32,760 / 79,200 tokens, results/attention_configs-*: entries under
+# 80% of the best were dropped, among them every warp-specialised `tl.range` loop of triton 3.6,
+# 230-428 TFLOP/s).
+# Entry 0 holds one warpgroup per CTA in <= ~113 KB of shared memory, so two independent CTAs share
+# an SM and one's softmax overlaps the other's MMAs; a two-warpgroup CTA (entries 1-4) runs
+# QK^T -> wait -> CTA barrier -> softmax -> PV in lockstep and leaves the tensor cores idle during
+# the softmax (sm_90 SASS of triton 3.6). Entry 0: 254 registers, no spills; 545 / 526 TFLOP/s.
 FLASH_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False, WS=False),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False, WS=False),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True),
-    # two consumer warpgroups of 128 rows each (Hopper WS data partitioning, triton PR 7658)
-    dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=False, WS=False),
-    # deeper K/V pipelines (added after the first H100 run: best plain config at ~498 TFLOP/s)
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, TMA=True, WS=False),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=False, WS=False),
-    # Session 3 (offline sm_90 SASS with triton 3.6): a 2-warpgroup CTA runs QK^T -> wait -> CTA
-    # barrier -> softmax -> PV in lockstep, so the tensor cores idle during the softmax. One
-    # warpgroup per CTA with <= ~113 KB of shared memory puts two independent CTAs on an SM, whose
-    # softmax and MMAs can interleave (254 / 138 registers, no spills). LAZY: FA4's lazy rescaling.
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=False),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=False, LAZY=True),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, WS=False),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, WS=False, LAZY=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False, LAZY=True),
-    # single-buffered (50 KB, 168 registers): three CTAs per SM hide each other's load latency
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1, TMA=True, WS=False, LAZY=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, TMA=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=False),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True),
 ]
 _SUPPORTED_D = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -85,10 +73,10 @@ if triton is not None:
         acc, l_i, m_i, q,
         k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale,
         lo, hi,
-        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-        LAZY: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
+        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        for start_n in tl.range(lo, hi, BLOCK_N):
             if TMA:
                 k = k_src.load([start_n, 0])
             else:
@@ -104,23 +92,10 @@ if triton is not None:
             if MASK_N:
                 qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if LAZY:
-                # rescale acc/l only when some row's max grew by > 2^8 (FlashAttention-4's lazy
-                # rescaling): p is then taken against a stale max and stays <= 256, exact in fp32
-                # and as exact as ever in bf16 (relative rounding); out = acc / l is unchanged.
-                if tl.max(m_ij - m_i, 0) > 8.0:
-                    alpha = tl.math.exp2(m_i - m_ij)
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-                    m_i = m_ij
-                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = l_i + tl.sum(p, 1)
-            else:
-                p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-                alpha = tl.math.exp2(m_i - m_ij)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                m_i = m_ij
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
             if TMA:
                 v = v_src.load([start_n, 0])
             else:
@@ -134,6 +109,7 @@ if triton is not None:
                 acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
             else:
                 acc = tl.dot(p_lp, v, acc)
+            m_i = m_ij
         return acc, l_i, m_i
 
     @triton.jit
@@ -142,8 +118,7 @@ if triton is not None:
         qk_scale, H, Lq, Lk,
         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr, UPCAST: tl.constexpr,
-        INTERPRET: tl.constexpr,
+        TMA: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -171,11 +146,11 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_inner(
             acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, 0, n_full,
-            BLOCK_N, False, TMA, WS, LAZY, UPCAST, INTERPRET)
+            BLOCK_N, False, TMA, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _attn_inner(
                 acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, n_full, Lk,
-                BLOCK_N, True, TMA, False, LAZY, UPCAST, INTERPRET)
+                BLOCK_N, True, TMA, UPCAST, INTERPRET)
         out = to_dtype(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
         if TMA:
             o_desc = tl.make_tensor_descriptor(o_base, shape=[Lq, D], strides=[sol, 1], block_shape=[BLOCK_M, D])
@@ -204,11 +179,7 @@ def _tma_ok(*tensors):
 
 
 def _config_usable(cfg, tma_ok):
-    if cfg.get("TMA") and not tma_ok:
-        return False
-    if cfg.get("WS") and not range_supports_warp_specialize():
-        return False
-    return True
+    return tma_ok or not cfg.get("TMA")
 
 
 _TUNED: dict = {}
@@ -222,7 +193,6 @@ def _launch(cfg, q, k, v, out, scale):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     interp = is_interpreter()
-    ws = bool(cfg.get("WS"))
     if cfg.get("TMA"):
         ensure_tma_allocator()
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
@@ -232,7 +202,7 @@ def _launch(cfg, q, k, v, out, scale):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        TMA=bool(cfg.get("TMA")), WS=ws, LAZY=bool(cfg.get("LAZY")), UPCAST=interp, INTERPRET=interp,
+        TMA=bool(cfg.get("TMA")), UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -266,7 +236,7 @@ def _pick_config(q, k, v, out, scale):
             _launch(cfg, q, k, v, out, scale)
             if baseline is None:
                 baseline = out.clone()
-            elif not _agrees(out, baseline):  # a miscompiled variant (e.g. WS) must never win
+            elif not _agrees(out, baseline):  # a miscompiled variant must never win
                 continue
             if tune:
                 t = do_bench(lambda: _launch(cfg, q, k, v, out, scale), warmup=10, rep=40)
@@ -310,6 +280,6 @@ def triton_attention(q, k, v, softmax_scale=None, *, out=None, config=None):
         return out.zero_()
     cfg = config if config is not None else _pick_config(q, k, v, out, scale)
     if config is not None and cfg.get("TMA") and not _tma_ok(q, k, v, out):
-        cfg = dict(cfg, TMA=False, WS=False)
+        cfg = dict(cfg, TMA=False)
     _launch(cfg, q, k, v, out, scale)
     return out
