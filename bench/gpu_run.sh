@@ -2,7 +2,7 @@
 # One device call that runs several benchmark stages in order, each under its own time limit, so a
 # hang or crash in one stage does not lose the others. Results (JSON) and logs go to $OUT (or
 # bench/results when OUT is unset). Usage:  bash bench/gpu_run.sh STAGE[:SECONDS] ...
-#   stages: see the case list below (env, tests, gputests, kernels, attncfg, dit448, fp8, ...)
+#   stages: see the case list below (env, tests, gpupipe, gpuattn, kernels, attncfg, dit448, fp8, ...)
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -31,8 +31,9 @@ stage() {
     rmsnorm) python3 bench/bench_kernels.py --quick --only kernel_rms_norm --topic kernels_rms_norm ;;
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
-    attncfg) python3 bench/bench_attention_configs.py ;;
-    gputests) python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_offload.py tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
+    attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
+    gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
+    gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 
 import torch
@@ -59,17 +58,6 @@ def kernels_usable(*tensors: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=None)
-def range_supports_warp_specialize() -> bool:
-    """`tl.range(..., warp_specialize=...)` exists in triton >= 3.4 (so in 3.6 and 3.9)."""
-    if not HAS_TRITON:
-        return False
-    try:
-        return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,7 +60,6 @@ from ._utils import (
     is_interpreter,
     kernels_usable,
     next_pow2,
-    range_supports_warp_specialize,
     to_dtype,
     triton,
     tl,
@@ -73,20 +72,23 @@ PV_MODES = ("fp8", "bf16")
 DEFAULT_PV = "fp8"
 SUPPORTED_D = (64, 128)
 
-# Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors;
-# WS: warp-specialised KV loop (needs TMA); PROMOTE: two-level accumulation of the fp8 P.V MMA.
+# Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors; PROMOTE:
+# two-level accumulation of the fp8 P.V MMA. Entry 0 is the H100's fastest (683 / 655 TFLOP/s
+# kernel-only at 32,760 / 79,200 tokens, results/attention_configs-*): one warpgroup per CTA in
+# 108 KB of shared memory and 215 registers (sm_90 SASS, triton 3.6), so two independent CTAs share
+# an SM and one's softmax overlaps the other's MMAs (see flash_attention.FLASH_CONFIGS). Entries 7-8
+# (168 registers, 58 / 75 KB) fit three CTAs per SM. The warp-specialised `tl.range` loops of
+# triton 3.6 were dropped: 446-563 TFLOP/s.
 FP8_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False, WS=False, PROMOTE=True),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False, WS=False, PROMOTE=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, WS=False, PROMOTE=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True, PROMOTE=True),
-    dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=2, TMA=True, WS=True, PROMOTE=True),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, WS=False, PROMOTE=True),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=False, WS=False, PROMOTE=True),
-    # one warpgroup per CTA, two CTAs per SM (108 KB shared, 215 registers: sm_90 SASS, triton
-    # 3.6), so one CTA's softmax overlaps the other's MMAs; see flash_attention.FLASH_CONFIGS
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, WS=False, PROMOTE=True),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=False, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=False, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, PROMOTE=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=False, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, PROMOTE=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, PROMOTE=True),
 ]
 _STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
 
@@ -180,10 +182,9 @@ if triton is not None:
         acc, l_i, m_i, q, qs,
         k_src, v_src, ks_base, offs_n, offs_d, svl, Lk, lo, hi,
         D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
-        WS: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr,
-        INTERPRET: tl.constexpr,
+        PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        for start_n in tl.range(lo, hi, BLOCK_N):
             n_idx = start_n + offs_n
             if TMA:
                 k = k_src.load([start_n, 0])
@@ -247,7 +248,7 @@ if triton is not None:
         Q8, QS, K8, KS, V, VS, O,
         H, Lq, Lk, Lp, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, WS: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
+        TMA: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
         UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
@@ -287,11 +288,11 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fp8_attn_inner(
             acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, 0, n_full,
-            D, BLOCK_N, False, TMA, WS, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+            D, BLOCK_N, False, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _fp8_attn_inner(
                 acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, n_full, Lk,
-                D, BLOCK_N, True, TMA, False, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+                D, BLOCK_N, True, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
         o = acc / l_i[:, None]
         if PV_FP8:
             vs = tl.load(VS + bh64 * D + offs_d)
@@ -497,11 +498,7 @@ def _bucket(n: int) -> int:
 
 
 def _config_usable(cfg) -> bool:
-    if cfg.get("TMA") and not has_tensor_descriptor():
-        return False
-    if cfg.get("WS") and not range_supports_warp_specialize():
-        return False
-    return True
+    return has_tensor_descriptor() or not cfg.get("TMA")
 
 
 def _launch(cfg, qz, v, out, pv):
@@ -519,7 +516,7 @@ def _launch(cfg, qz, v, out, pv):
         qz["q8"], qz["qs"], qz["k8"], qz["ks"], vsrc, vs, out,
         H, Lq, Lk, qz.get("Lp", 0), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma, WS=bool(cfg.get("WS")) and tma,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma,
         PV_FP8=pv_fp8, PROMOTE=bool(cfg.get("PROMOTE", True)), UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
