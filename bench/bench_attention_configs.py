@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=("bf16", "fp8"), default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on a tiny shape")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on a tiny shape (no JSON)")
     ap.add_argument("--topic", default="attention_configs")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,7 +134,8 @@ def main(argv=None):
         except Exception:
             traceback.print_exc()
         torch.cuda.empty_cache() if dev == "cuda" else None
-    print(write_results(args.topic, rows, extra=dict(shape=dict(heads=H, head_dim=D))))
+    if not args.smoke:
+        print(write_results(args.topic, rows, extra=dict(shape=dict(heads=H, head_dim=D))))
     for r in rows:
         if "TFLOPs" in r:
             print(f"{r['name']:34s} {r['median_ms']:9.2f} ms {r['TFLOPs']:6.0f} TFLOP/s"

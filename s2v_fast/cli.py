@@ -76,8 +76,9 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
                         "(the official op order) (default: fast on CUDA, reference on CPU)")
     g.add_argument("--quantization", choices=["none", "fp8"], default="none",
                    help="fp8: FP8 e4m3 GEMMs for the DiT's attention/FFN/audio linears (per-token "
-                        "activation and per-channel weight scales; opt-in, changes numerics: see "
-                        "README) (default: none, the exact bf16 path)")
+                        "activation and per-channel weight scales) and, on CUDA with "
+                        "--attention-backend auto, FP8 self-attention; opt-in, changes numerics: see "
+                        "README (default: none, the exact bf16 path)")
     g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
                    help="attention kernels; auto times the available ones per shape on CUDA "
                         "(default: $S2V_ATTENTION_BACKEND or auto)")

@@ -313,10 +313,14 @@ class S2VPipeline:
             else:
                 dit = S2VTransformer.from_pretrained(path, device=load_device, dtype=dtype)
             dit.precision = precision
-            if quantization != "none":  # in place, layer by layer; attention backend unchanged
+            if quantization != "none":  # in place, layer by layer
+                from .kernels.attention import get_attention_backend
                 from .quantization import quantize_dit
 
-                quantize_dit(dit, quantization, attention=False)
+                # on the GPU the default `auto` attention becomes fp8 self-attention too (faster
+                # than cuDNN bf16: results/attention_configs-*); a backend the user named stays
+                fp8_attn = device.type == "cuda" and get_attention_backend() == "auto"
+                quantize_dit(dit, quantization, attention="fp8" if fp8_attn else False)
             vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
                                    dtype=torch.float32)
             text = (TextEncoder.from_pretrained(path, device=load_device, dtype=dtype)

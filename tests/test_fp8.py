@@ -121,6 +121,8 @@ def test_fp8_linear_module_plumbing():
 
 
 # ----------------------------------------------------------------------------- attention
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors would make the GPU "
+                    "kernels fail over to torch); test_gpu_quantisers_and_gemm covers the GPU")
 def test_attention_quantisers_bit_exact():
     """quantize_qkv (Triton: K-mean partial sums, Q/K per-token, V per-channel transposed) vs torch."""
     B, L, H, D = 2, 77, 3, 64
@@ -190,15 +192,20 @@ def test_fp8_attention_emulation_accuracy_cross(seed):
     assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.05, acc
 
 
-def test_fp8_attention_backend_registered():
+def test_fp8_attention_backend_registered(monkeypatch):
     from s2v_fast.kernels.attention import attention, attention_backend, available_attention_backends
 
     assert "fp8" in available_attention_backends()
-    q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, seed=2)
+    monkeypatch.setattr(fa8, "FP8_MIN_KEYS", 48)
+    q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, 64, seed=2)
     with attention_backend("fp8"):
-        got = attention(q, k, v)
+        got = attention(q, k, v)  # 64 keys >= FP8_MIN_KEYS: the fp8 kernel
+        short = attention(q, k[:, :40], v[:, :40])  # 40 keys: bf16 `auto` (sdpa on the CPU)
     assert got.shape == q.shape and got.dtype == q.dtype
+    assert torch.equal(got, fa8.fp8_attention(q, k, v))
     assert fg.accuracy(got, fa8.attention_fp32(q, k, v))["cosine"] >= 0.999
+    with attention_backend("auto"):
+        assert torch.equal(short, attention(q, k[:, :40], v[:, :40]))
 
 
 # ----------------------------------------------------------------------------- quantize_dit
@@ -285,7 +292,9 @@ def test_gpu_quantisers_and_gemm():
     yr, sr = fg.quantize_rows_reference(x)
     assert torch.equal(_bits(y), _bits(yr)) and torch.equal(s, sr)
     q, k, v = fa8.make_realistic_qkv(2, 999, 4, 128, seed=5, device="cuda")
+    fa8.FALLBACKS.pop("quantize", None)
     qz = fa8.quantize_qkv(q, k, v, 1 / math.sqrt(128), "fp8")
+    assert "quantize" not in fa8.FALLBACKS, fa8.FALLBACKS  # the Triton kernels ran, not the torch path
     k8, ks, _ = fa8.quantize_k_reference(k, qz["km"])
     assert torch.equal(_bits(qz["k8"]), _bits(k8.view(8, 999, 128)))
     w = fg.realistic_weight(1024, 5120, device="cuda")

@@ -90,6 +90,8 @@ FP8_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, PROMOTE=True),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, PROMOTE=True),
 ]
+# self-attention only: fewer keys than this go to the bf16 `auto` choice (fp8_attention_backend)
+FP8_MIN_KEYS = int(os.environ.get("S2V_FP8_ATTN_MIN_KEYS", "4096"))
 _STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
 
 if triton is not None:
@@ -618,8 +620,15 @@ def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, conf
 
 
 def fp8_attention_backend(q, k, v):
-    """The ``attention(q, k, v)`` contract (scale 1/sqrt(D)). If no kernel config compiles on this
-    GPU / triton, warn once and use bf16 SDPA (``FALLBACKS["attention"]`` records why)."""
+    """The ``attention(q, k, v)`` contract (scale 1/sqrt(D)), FP8 where it pays: calls with fewer
+    than ``FP8_MIN_KEYS`` keys (the DiT's text and audio cross-attention) take the bf16 ``auto``
+    choice instead, since their K/V quantisation pass costs more than the fp8 MMAs save (H100,
+    32,760 x 512 keys: 234 TFLOP/s fp8 against 521 for cuDNN). If no kernel config compiles on
+    this GPU / triton, warn once and use bf16 SDPA (``FALLBACKS["attention"]`` records why)."""
+    if k.shape[1] < FP8_MIN_KEYS:
+        from .attention import _BACKENDS, resolve_auto
+
+        return _BACKENDS[resolve_auto(q, k, v)](q, k, v)
     if FALLBACKS.get("attention") and q.is_cuda:
         from .attention import sdpa_attention
 
