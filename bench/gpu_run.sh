@@ -32,6 +32,8 @@ stage() {
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
     attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
+    dittriton) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend triton --topic dit_attn_triton ;;
+    ditcudnn) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend cudnn --topic dit_attn_cudnn ;;
     gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
     gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
     *) echo "unknown stage $1"; return 2 ;;
