@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from .kernels import fp8_attention as _fp8_attention  # noqa: F401  (registers backend "fp8")
-from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_linear, quantize_weight
+from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemm, fp8_linear, quantize_rows, quantize_weight
 
 MODES = ("none", "fp8")
 GROUPS = ("self_attn", "cross_attn", "ffn", "audio")
@@ -176,6 +176,12 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fp8_forward(x, self.bias)
 
+    def forward_quantized(self, a8: torch.Tensor, sa: torch.Tensor, lead: Tuple[int, ...]) -> torch.Tensor:
+        """The GEMM on an input already quantised by ``quantize_rows`` (a8 [M, K], sa [M])."""
+        y = fp8_gemm(a8, sa, self.weight_fp8, self.weight_scale, self.bias, self.compute_dtype,
+                     self.use_fast_accum)
+        return y.reshape(*lead, self.out_features)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         wkey = prefix + "weight"
@@ -191,6 +197,27 @@ class FP8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weights=float8_e4m3fn/channel, "
                 f"activations=float8_e4m3fn/token, out={self.compute_dtype}")
+
+
+def same_input_linears(x: torch.Tensor, layers) -> List[torch.Tensor]:
+    """``[layer(x) for layer in layers]``; when they are all FP8Linear the activation is quantised
+    once for all of them (self-attention q, k, v: one pass over x instead of three), with the
+    same numbers as calling each layer."""
+    layers = list(layers)
+    if len(layers) < 2 or not all(isinstance(m, FP8Linear) for m in layers):
+        return [F.linear(x.to(m.weight.dtype), m.weight, m.bias) for m in layers]
+    a8, sa = quantize_rows(x.to(layers[0].compute_dtype))
+    return [m.forward_quantized(a8, sa, x.shape[:-1]) for m in layers]
+
+
+def gelu_linear(u: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(gelu_tanh(u))`` (the FFN's second linear). For an FP8Linear the GELU runs inside
+    the activation quantiser, so the GELU output is never written out and read back."""
+    if isinstance(layer, FP8Linear):
+        a8, sa = quantize_rows(u.to(layer.compute_dtype), gelu=True)
+        return layer.forward_quantized(a8, sa, u.shape[:-1])
+    g = F.gelu(u, approximate="tanh")
+    return F.linear(g.to(layer.weight.dtype), layer.weight, layer.bias)
 
 
 def target_linears(model: nn.Module, groups: Iterable[str] = GROUPS) -> List[Tuple[nn.Module, str, str]]:

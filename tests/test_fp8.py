@@ -220,6 +220,57 @@ def _tiny_inputs(cfg, B=2, F=2, lh=8, lw=8, seed=0):
                 cond_states=torch.zeros(1, 16, F, lh, lw, dtype=torch.bfloat16), audio_input=audio)
 
 
+def test_same_input_linears_share_one_quantisation(monkeypatch):
+    """q/k/v through FP8Linear quantise their common input once, with the numbers of three calls."""
+    from s2v_fast import quantization as qmod
+
+    torch.manual_seed(3)
+    layers = [qmod.FP8Linear.from_linear(torch.nn.Linear(64, n).to(torch.bfloat16)) for n in (64, 64, 32)]
+    x = torch.randn(2, 5, 64).bfloat16()
+    each = [m(x) for m in layers]
+    calls = []
+    real = qmod.quantize_rows
+    monkeypatch.setattr(qmod, "quantize_rows", lambda t: calls.append(t.shape) or real(t))
+    got = qmod.same_input_linears(x, layers)
+    assert len(calls) == 1 and all(torch.equal(g, e) for g, e in zip(got, each))
+    plain = [torch.nn.Linear(64, 16).to(torch.bfloat16) for _ in range(2)]
+    assert all(torch.equal(g, m(x)) for g, m in zip(qmod.same_input_linears(x, plain), plain))
+
+
+@pytest.mark.parametrize("K", [96, 5000])  # one program per row block; 5000: masked row tail
+def test_quantize_rows_with_gelu(K):
+    """The quantiser's fused GELU vs F.gelu (fp32 math, bf16 result) then the torch quantiser.
+    tanh is computed as 1 - 2 / (1 + e^2u) in the kernel: a rare last-bit difference of the bf16
+    GELU value can move an fp8 code by one step, so codes must agree for >= 99.9% of elements and
+    every dequantised value within one e4m3 step (2^-3 relative, or the subnormal step)."""
+    torch.manual_seed(K)
+    x = (torch.randn(33, K) * 3).bfloat16()
+    x[0, :7] = torch.tensor([0.0, -30.0, 30.0, 1e-3, -1e-3, 5.0, -5.0])  # saturation and tiny values
+    y, s = fg.quantize_rows(x, gelu=True)
+    assert not fg._QUANT_FAILED  # the Triton kernel ran, not the torch fallback
+    yr, sr = fg.quantize_rows_reference(x, gelu=True)
+    assert torch.allclose(s, sr, rtol=1e-2, atol=0)
+    assert (_bits(y) == _bits(yr)).float().mean().item() >= 0.999
+    got, exp = fg.dequantize(y, s), fg.dequantize(yr, sr)
+    step = exp.abs() * 2.0 ** -3 + sr[:, None] * 2.0 ** -9
+    assert ((got - exp).abs() <= step * 1.01).all()
+    g = torch.nn.functional.gelu(x.float(), approximate="tanh")
+    assert fg.accuracy(got, g)["rel_l2"] <= 0.04  # what the fp8 GEMM input carries
+
+
+def test_gelu_linear_matches_two_steps():
+    from s2v_fast import quantization as qmod
+
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(96, 48).to(torch.bfloat16)
+    f8 = qmod.FP8Linear.from_linear(lin)
+    u = (torch.randn(3, 7, 96) * 2).bfloat16()
+    ref = f8(torch.nn.functional.gelu(u, approximate="tanh"))
+    got = qmod.gelu_linear(u, f8)
+    assert got.shape == ref.shape and fg.accuracy(got, ref)["rel_l2"] <= 0.01
+    assert torch.equal(qmod.gelu_linear(u, lin), lin(torch.nn.functional.gelu(u, approximate="tanh")))
+
+
 def test_quantize_dit_tiny():
     """Tiny DiT: which linears are replaced, checkpoint keys still load, output close to bf16."""
     from s2v_fast import S2VTransformer
@@ -297,6 +348,11 @@ def test_gpu_quantisers_and_gemm():
     assert "quantize" not in fa8.FALLBACKS, fa8.FALLBACKS  # the Triton kernels ran, not the torch path
     k8, ks, _ = fa8.quantize_k_reference(k, qz["km"])
     assert torch.equal(_bits(qz["k8"]), _bits(k8.view(8, 999, 128)))
+    u = fg.realistic_linear_input(1000, 13824, device="cuda")  # the FFN-down input, GELU fused
+    y, s = fg.quantize_rows(u, gelu=True)
+    yr, sr = fg.quantize_rows_reference(u, gelu=True)
+    assert (_bits(y) == _bits(yr)).float().mean().item() >= 0.999 and torch.allclose(s, sr, rtol=1e-2)
+    assert not fg._QUANT_FAILED, fg._QUANT_FAILED
     w = fg.realistic_weight(1024, 5120, device="cuda")
     b = torch.zeros(1024, device="cuda", dtype=torch.bfloat16)
     w8, sw = fg.quantize_weight(w)

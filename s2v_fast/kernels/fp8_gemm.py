@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ._utils import is_interpreter, kernels_usable, next_pow2, triton, tl
+from ._utils import is_interpreter, kernels_usable, next_pow2, to_dtype, triton, tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -72,11 +72,24 @@ if triton is not None:
             return a / b
 
     @triton.jit
+    def _gelu_in_dtype(x, GELU: tl.constexpr, XDTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+        """fp32 x -> gelu_tanh(x) rounded to XDTYPE (as F.gelu on an XDTYPE tensor), back in fp32."""
+        if GELU:
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            x = 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(tl.minimum(2.0 * u, 80.0))))  # 1 + tanh(u)
+            if XDTYPE != tl.float32:
+                x = to_dtype(x, XDTYPE, INTERPRET).to(tl.float32)
+        return x
+
+    @triton.jit
     def _quant_rows_kernel(
         X, Y, S, M, K, sxm, sym,
-        BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr, GELU: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
-        """Per-row e4m3 quantisation of X [M, K] (any float dtype) -> Y [M, K] fp8, S [M] fp32."""
+        """Per-row e4m3 quantisation of X [M, K] (any float dtype) -> Y [M, K] fp8, S [M] fp32;
+        GELU: of gelu_tanh(X) (computed in fp32, rounded to X's dtype first, as F.gelu)."""
+        xdt = X.dtype.element_ty
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
@@ -84,6 +97,7 @@ if triton is not None:
         if SINGLE:  # the whole row lives in registers: one read, one write
             mask = rmask[:, None] & (cols[None, :] < K)
             x = tl.load(X + rows64[:, None] * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _gelu_in_dtype(x, GELU, xdt, INTERPRET)
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 7.888609052210118e-31)
             inv = _rdiv(tl.full([ROWS], 448.0, tl.float32), amax)
             y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
@@ -93,20 +107,25 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 mask = rmask[:, None] & ((k0 + cols)[None, :] < K)
                 x = tl.load(X + rows64[:, None] * sxm + (k0 + cols)[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+                x = _gelu_in_dtype(x.to(tl.float32), GELU, xdt, INTERPRET)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             inv = _rdiv(tl.full([ROWS], 448.0, tl.float32), amax)
             for k0 in range(0, K, BLOCK_K):
                 mask = rmask[:, None] & ((k0 + cols)[None, :] < K)
                 x = tl.load(X + rows64[:, None] * sxm + (k0 + cols)[None, :], mask=mask, other=0.0)
-                y = tl.minimum(tl.maximum(x.to(tl.float32) * inv[:, None], -448.0), 448.0)
+                x = _gelu_in_dtype(x.to(tl.float32), GELU, xdt, INTERPRET)
+                y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
                 tl.store(Y + rows64[:, None] * sym + (k0 + cols)[None, :], e4m3_round(y, INTERPRET), mask=mask)
         scale = _rdiv(amax, tl.full([ROWS], 448.0, tl.float32))
         tl.store(S + rows64, scale, mask=rmask)
 
 
 # ----------------------------------------------------------------------------- references
-def quantize_rows_reference(x: torch.Tensor):
-    """x [..., K] -> (e4m3 [..., K], fp32 scale [...]) with x ~= fp8.float() * scale[..., None]."""
+def quantize_rows_reference(x: torch.Tensor, gelu: bool = False):
+    """x [..., K] -> (e4m3 [..., K], fp32 scale [...]) with x ~= fp8.float() * scale[..., None];
+    ``gelu``: of ``F.gelu(x, approximate="tanh")`` (fp32 math, rounded to x's dtype)."""
+    if gelu:
+        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(x.dtype)
     xf = x.float()
     amax = xf.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
     inv, scale = _inv_and_scale(amax)
@@ -169,22 +188,25 @@ def _quant_class(K: int) -> str:
     return "loop"
 
 
-def _launch_quant(x2, y, s, cls, num_warps, rows):
+def _launch_quant(x2, y, s, cls, num_warps, rows, gelu=False):
     M, K = x2.shape
     single = cls != "loop"
     block_k = next_pow2(K) if single else 4096
     interp = is_interpreter()
     grid = (triton.cdiv(M, rows),)
     _quant_rows_kernel[grid](x2, y, s, M, K, x2.stride(0), y.stride(0),
-                             BLOCK_K=block_k, ROWS=rows, SINGLE=single, INTERPRET=interp,
+                             BLOCK_K=block_k, ROWS=rows, SINGLE=single, GELU=gelu, INTERPRET=interp,
                              num_warps=num_warps)
 
 
-def quantize_rows(x: torch.Tensor, out: torch.Tensor = None, scale: torch.Tensor = None):
+def quantize_rows(x: torch.Tensor, out: torch.Tensor = None, scale: torch.Tensor = None,
+                  gelu: bool = False):
     """Per-row (per-token) e4m3 quantisation, one Triton pass: x [..., K] -> (fp8 [M, K], fp32 [M]).
 
-    Falls back to :func:`quantize_rows_reference` where the kernel cannot run (no triton, CPU
-    without the interpreter) or no launch config compiles; the numbers are the same."""
+    ``gelu``: quantise gelu_tanh(x) instead, computed in the same pass (the FFN's second linear:
+    saves writing and re-reading the GELU output). Falls back to :func:`quantize_rows_reference`
+    where the kernel cannot run (no triton, CPU without the interpreter) or no launch config
+    compiles; the numbers are the same (with ``gelu``: up to the last bit of tanh, see tests)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -193,25 +215,26 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor = None, scale: torch.Tensor
     y = out if out is not None else torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     s = scale if scale is not None else torch.empty((M,), dtype=torch.float32, device=x.device)
     cls = _quant_class(K)
-    if M == 0 or K == 0 or not kernels_usable(x2, y, s) or cls in _QUANT_FAILED:
-        q, sc = quantize_rows_reference(x2)
+    key = (cls, bool(gelu))  # launch configs are kept per row class and variant
+    if M == 0 or K == 0 or not kernels_usable(x2, y, s) or key in _QUANT_FAILED:
+        q, sc = quantize_rows_reference(x2, gelu)
         y.copy_(q)
         s.copy_(sc)
         return y, s
-    cands = [_QUANT_OK[cls]] if cls in _QUANT_OK else _QUANT_LAUNCH[cls]
+    cands = [_QUANT_OK[key]] if key in _QUANT_OK else _QUANT_LAUNCH[cls]
     if is_interpreter() and cls != "loop":  # the interpreter runs programs one by one: few, big ones
         cands = [(4, min(next_pow2(M), max(1, 65536 // next_pow2(K))))]
     for num_warps, rows in cands:
         try:
-            _launch_quant(x2, y, s, cls, num_warps, rows)
+            _launch_quant(x2, y, s, cls, num_warps, rows, gelu)
             if not is_interpreter():
-                _QUANT_OK[cls] = (num_warps, rows)
+                _QUANT_OK[key] = (num_warps, rows)
             return y, s
         except Exception as e:  # config does not compile on this triton / GPU: next one
             last = e
-    _QUANT_FAILED.add(cls)
+    _QUANT_FAILED.add(key)
     warnings.warn(f"fp8 row quantiser: no launch config compiled for K={K} ({last!r}); using torch")
-    q, sc = quantize_rows_reference(x2)
+    q, sc = quantize_rows_reference(x2, gelu)
     y.copy_(q)
     s.copy_(sc)
     return y, s

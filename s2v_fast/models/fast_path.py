@@ -35,6 +35,7 @@ from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..kernels.rms_norm import rms_norm
 from ..profiling.ranges import trace_range
+from ..quantization import FP8Linear, gelu_linear, same_input_linears
 from .block import linear
 
 
@@ -110,11 +111,12 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         h = norm_modulate(x, shift_sa, scale_sa, split, eps=block.eps,
                           round_normed_to_bf16=x.dtype == torch.bfloat16, out_dtype=sa.q.weight.dtype)
     with trace_range("self_attention"):
-        v = linear(h, sa.v)
-        if v.dtype == torch.bfloat16:
-            q, k = qk_norm_rope(linear(h, sa.q), linear(h, sa.k), sa.norm_q.weight, sa.norm_k.weight,
+        if sa.v.weight.dtype == torch.bfloat16:
+            q, k, v = same_input_linears(h, (sa.q, sa.k, sa.v))  # fp8: one activation quantisation
+            q, k = qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight,
                                 cache.cos, cache.sin, H, eps=sa.norm_q.eps)
         else:  # fp32 models (CPU tests): the kernel emits bf16 for attention, keep fp32 instead
+            v = linear(h, sa.v)
             q, k = sa.qk_norm_rope(h, cache.rope)
         with trace_range("attention"):
             a = sa.attend(q, k, _heads(v, H))  # the sequence-parallel seam (Ulysses / ring)
@@ -131,8 +133,10 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
     x, h2 = residual_add_norm_modulate(x, yc, shift_ff, scale_ff, split, eps=block.eps,
                                        out_dtype=block.ffn[0].weight.dtype)
     with trace_range("ffn"):
-        f = linear_gelu(h2, block.ffn[0])
-        y2 = linear(f, block.ffn[2])
+        if isinstance(block.ffn[2], FP8Linear):  # GELU fused into the fp8 activation quantiser
+            y2 = gelu_linear(linear(h2, block.ffn[0]), block.ffn[2])
+        else:  # GELU in the first GEMM's epilogue
+            y2 = linear(linear_gelu(h2, block.ffn[0]), block.ffn[2])
     return gated_residual(x, y2, gate_ff, split)
 
 
