@@ -25,6 +25,8 @@ stage() {
     offload) python3 bench/bench_offload.py ;;
     offload704) python3 bench/bench_offload.py --height 704 --width 1280 --iters 2 --topic offload704 ;;
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
+    profilefp8) python3 bench/profile_dit.py --profile-dir "$OUT/profile_fp8" --quantization fp8 ;;
+    gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu_quantisers or gelu or same_input" ;;
     fp8) python3 bench/bench_fp8.py ;;
     audio) python3 bench/bench_audio_features.py ;;
     attnlayout) python3 bench/bench_attention_layout.py ;;

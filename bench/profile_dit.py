@@ -7,6 +7,7 @@ sheet (GPU time by category) and the top kernels by GPU time.
 
     python bench/profile_dit.py --profile-dir prof_dit
     python bench/profile_dit.py --profile-dir prof_dit --precision reference
+    python bench/profile_dit.py --profile-dir prof_fp8 --quantization fp8
 """
 from __future__ import annotations
 
@@ -34,12 +35,19 @@ def main(argv=None):
     ap.add_argument("--precision", default="fast", choices=["fast", "reference"])
     ap.add_argument("--attention-backend", default=os.environ.get(attn.ENV_VAR, "auto"))
     ap.add_argument("--preset", default="wan2.2-s2v-14b")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                    help="fp8: FP8 linears, and FP8 self-attention unless --attention-backend is named")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
     attn.set_attention_backend(args.attention_backend)
     model = build_random_dit(args.preset, device="cuda")
     model.precision = args.precision
+    if args.quantization != "none":
+        from s2v_fast.quantization import quantize_dit
+
+        fp8_attn = args.attention_backend == "auto"
+        quantize_dit(model, args.quantization, attention="fp8" if fp8_attn else False)
     H, W = args.height, args.width
     inp = make_inputs(model, H, W, batch=2)
     for k in ("ref_latents", "motion_latents", "cond_states"):
