@@ -26,7 +26,7 @@ stage() {
     offload704) python3 bench/bench_offload.py --height 704 --width 1280 --iters 2 --topic offload704 ;;
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
     profilefp8) python3 bench/profile_dit.py --profile-dir "$OUT/profile_fp8" --quantization fp8 ;;
-    gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu_quantisers or gelu or same_input" ;;
+    gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu" ;;
     fp8) python3 bench/bench_fp8.py ;;
     audio) python3 bench/bench_audio_features.py ;;
     attnlayout) python3 bench/bench_attention_layout.py ;;
@@ -34,6 +34,7 @@ stage() {
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
     attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
+    attncfgfp8) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only fp8 --topic attention_configs_fp8 ;;
     dittriton) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend triton --topic dit_attn_triton ;;
     ditcudnn) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend cudnn --topic dit_attn_cudnn ;;
     gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
