@@ -34,6 +34,8 @@ stage() {
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
     attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
+    attncfgbf16) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only bf16 --topic attention_configs_bf16 ;;
+    gpuflash) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py ;;
     attncfgfp8) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only fp8 --topic attention_configs_fp8 ;;
     dittriton) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend triton --topic dit_attn_triton ;;
     ditcudnn) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend cudnn --topic dit_attn_cudnn ;;
