@@ -64,9 +64,6 @@ FLASH_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True),
     # single-buffered, 168 registers and 50 KB: three CTAs per SM hide each other's loads
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1, TMA=True),
-    # POLY: a quarter of the exp2s by polynomial on the FMA pipe (_exp2_mixed)
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, POLY=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, POLY=True),
 ]
 _SUPPORTED_D = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -74,38 +71,11 @@ _LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _exp2_poly(x):
-        """2^x on the FMA pipe (x <= 0): Cody-Waite split x = n + f, |f| <= 1/2, 2^f by a degree-3
-        minimax polynomial (relative error 1.1e-4, far below the bf16 rounding of p), 2^n added
-        to the exponent bits. x is clamped at -125 (2^-125 ~ 0 for softmax)."""
-        x = tl.maximum(x, -125.0)
-        t = x + 12582912.0  # 1.5 * 2^23: the low mantissa bits of t hold round(x)
-        f = x - (t - 12582912.0)
-        p = (0.05459609 * f + 0.24221841) * f + 0.69336801
-        p = p * f + 1.0
-        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _exp2_mixed(x):
-        """2^x of a [M, N] tile, a quarter of the columns by polynomial on the FMA pipe and the rest
-        on the MUFU unit (FlashAttention-4's split): the softmax of a Hopper attention kernel waits
-        on MUFU.EX2 (16 per clock per SM). Column groups are split along register dimensions of
-        the MMA layout (even/odd pairs, then halves), so no data moves between threads."""
-        M: tl.constexpr = x.shape[0]
-        N: tl.constexpr = x.shape[1]
-        ev, od = tl.split(tl.reshape(x, [M, N // 2, 2]))
-        lo, hi = tl.split(tl.permute(tl.reshape(od, [M, 2, N // 4]), (0, 2, 1)))
-        hi = _exp2_poly(hi)
-        od = tl.reshape(tl.permute(tl.join(tl.math.exp2(lo), hi), (0, 2, 1)), [M, N // 2])
-        return tl.reshape(tl.join(tl.math.exp2(ev), od), [M, N])
-
-    @triton.jit
     def _attn_inner(
         acc, l_i, m_i, q,
         k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale,
         lo, hi,
-        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr, POLY: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
         UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         for start_n in tl.range(lo, hi, BLOCK_N):
@@ -124,10 +94,7 @@ if triton is not None:
             if MASK_N:
                 qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if POLY:
-                p = _exp2_mixed(qk * qk_scale - m_ij[:, None])
-            else:
-                p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -153,7 +120,7 @@ if triton is not None:
         qk_scale, H, Lq, Lk,
         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, POLY: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        TMA: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -181,11 +148,11 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_inner(
             acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, 0, n_full,
-            BLOCK_N, False, TMA, POLY, UPCAST, INTERPRET)
+            BLOCK_N, False, TMA, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _attn_inner(
                 acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, n_full, Lk,
-                BLOCK_N, True, TMA, POLY, UPCAST, INTERPRET)
+                BLOCK_N, True, TMA, UPCAST, INTERPRET)
         out = to_dtype(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
         if TMA:
             o_desc = tl.make_tensor_descriptor(o_base, shape=[Lq, D], strides=[sol, 1], block_shape=[BLOCK_M, D])
@@ -237,7 +204,7 @@ def _launch(cfg, q, k, v, out, scale):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        TMA=bool(cfg.get("TMA")), POLY=bool(cfg.get("POLY")), UPCAST=interp, INTERPRET=interp,
+        TMA=bool(cfg.get("TMA")), UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
