@@ -9,8 +9,7 @@ For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16) 
 * fp8: :func:`fp8_attention.make_realistic_qkv` activations; the row reports the kernel alone
   (inputs quantised once outside the timing) and with the quantisation pass, and the max abs
   difference to the first entry that ran (same numerics, different tiling); the first entry also
-  reports its accuracy against fp32 attention (every 64th query row). Both Q/K modes: ``fp8``
-  (all-fp8, rows ``attention_fp8_*``) and ``bf16`` (QK^T in bf16, P.V in fp8, ``attention_fp8qkbf16_*``).
+  reports its accuracy against fp32 attention (every 64th query row).
 
 CUDA-event medians after warm-up (``results_io.time_ms``). Writes ``attention_configs-*.json``.
 Usage: python3 bench/bench_attention_configs.py [--sizes 32760 79200] [--only bf16|fp8] [--smoke]
@@ -84,30 +83,27 @@ def sweep_bf16(L, args, dev):
 
 def _accuracy_vs_fp32(out, q, k, v, stride=64):
     """rel L2 / cosine of every stride-th query row against fp32 attention (all keys)."""
-    ref = fa8.attention_fp32(q[:, ::stride], k, v)
-    return fa8.accuracy(out[:, ::stride], ref)
+    return fa8.accuracy(out[:, ::stride], fa8.attention_fp32(q[:, ::stride], k, v))
 
 
-def sweep_fp8(L, args, dev, qk="fp8"):
-    """Every FP8_CONFIGS entry; qk="bf16": QK^T on the bf16 q, k (only P.V in fp8)."""
+def sweep_fp8(L, args, dev):
     q, k, v = fa8.make_realistic_qkv(1, L, H, D, L, seed=L, device=dev,
                                      dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     scale = 1.0 / math.sqrt(D)
-    qz = fa8.quantize_qkv(q, k, v, scale, "fp8", qk=qk)
-    qms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8", qk=qk), args)
+    qz = fa8.quantize_qkv(q, k, v, scale, "fp8")
+    qms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8"), args)
     rows, first = [], None
     out = torch.empty_like(q)
-    tag = "fp8" if qk == "fp8" else "fp8qkbf16"
     for i, cfg in enumerate(fa8.FP8_CONFIGS):
-        row = _row(f"attention_{tag}_cfg{i}_{L}", L, backend="fp8", pv="fp8", qk=qk, config_index=i,
+        row = _row(f"attention_fp8_cfg{i}_{L}", L, backend="fp8", pv="fp8", config_index=i,
                    config=repr(cfg), quant_ms=qms)
         try:
-            fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz, qk=qk)
+            fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz)
             if first is None:
                 first = out.clone()
                 row.update({f"{k_}_vs_fp32": v_ for k_, v_ in _accuracy_vs_fp32(out, q, k, v).items()})
             row["max_abs_diff_vs_first"] = (out.float() - first.float()).abs().max().item()
-            kms = _time(lambda: fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz, qk=qk), args)
+            kms = _time(lambda: fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz), args)
             row.update(kernel_ms=kms, kernel_TFLOPs=_flops(L, L) / kms / 1e9, median_ms=kms + qms,
                        TFLOPs=_flops(L, L) / (kms + qms) / 1e9)
         except Exception as e:
@@ -142,7 +138,6 @@ def main(argv=None):
                 rows += sweep_bf16(L, args, dev)
             if args.only in (None, "fp8"):
                 rows += sweep_fp8(L, args, dev)
-                rows += sweep_fp8(L, args, dev, qk="bf16")
         except Exception:
             traceback.print_exc()
         torch.cuda.empty_cache() if dev == "cuda" else None

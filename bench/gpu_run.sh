@@ -26,13 +26,12 @@ stage() {
     offload704) python3 bench/bench_offload.py --height 704 --width 1280 --iters 2 --topic offload704 ;;
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
     profilefp8) python3 bench/profile_dit.py --profile-dir "$OUT/profile_fp8" --quantization fp8 ;;
-    gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu or qk" ;;
+    gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu" ;;
     fp8) python3 bench/bench_fp8.py ;;
     audio) python3 bench/bench_audio_features.py ;;
     attnlayout) python3 bench/bench_attention_layout.py ;;
     rmsnorm) python3 bench/bench_kernels.py --quick --only kernel_rms_norm --topic kernels_rms_norm ;;
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
-    fp8ditqk) S2V_FP8_ATTN_QK=bf16 python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit_qkbf16 ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
     attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
     attncfgbf16) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only bf16 --topic attention_configs_bf16 ;;

@@ -26,8 +26,6 @@ from s2v_fast.kernels import fp8_attention as fa8
 from s2v_fast.kernels import fp8_gemm as fg
 from s2v_fast.kernels.attention import get_attention_backend, set_attention_backend
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -324,40 +322,6 @@ def test_gpu_fp8_attention(pv, L, Lk):
     # L = Lk = 1000 with logit std 2 (a CPU sweep meets the target up to logit std ~2.3;
     # it is missed above), so self-attention is bounded at 4% here and the miss is reported.
     assert vs_ref["cosine"] >= 0.999 and vs_ref["rel_l2"] <= (0.04 if L == Lk else 0.05), vs_ref
-
-
-@pytest.mark.parametrize("B,Lq,Lk,H,D,cfg,layout", [(1, 100, 100, 2, 128, 0, "qkv"), (2, 70, 130, 2, 64, 1, "sep"),
-                                                     (1, 257, 200, 1, 128, 6, "sep")])
-def test_fp8_attention_qk_bf16_kernel(B, Lq, Lk, H, D, cfg, layout):
-    """qk="bf16" (QK^T on the bf16 q, k read in place, P.V in fp8): kernel vs emulation, and
-    accuracy vs fp32. CPU interpreter (fp32 in/out: accumulation order only, ~1e-6) or GPU (bf16
-    in/out: fp8 wgmma accumulation and output rounding, as test_gpu_fp8_attention)."""
-    config = fa8.FP8_CONFIGS[cfg]
-    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    q, k, v = fa8.make_realistic_qkv(B, Lq, H, D, Lk, seed=Lq + cfg, dtype=torch.float32)
-    if layout == "qkv":  # q/k/v as strided views of one fused buffer (the model's layout)
-        qkv = torch.stack([q, k, v], dim=2).to(dt).to(DEV)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-        q, k, v = (t.to(dt).to(DEV) for t in (q, k, v))
-    got = fa8.fp8_attention(q, k, v, qk="bf16", config=config)
-    exp = fa8.fp8_attention_reference(q, k, v, qk="bf16", pv="fp8", block_n=config["BLOCK_N"],
-                                      out_dtype=torch.float32)
-    tol = 1e-4 if dt == torch.float32 else 1e-2
-    assert fg.accuracy(got, exp)["rel_l2"] <= tol
-    acc = fg.accuracy(got, fa8.attention_fp32(q, k, v))
-    # the issue target (cosine >= 0.999, rel L2 <= 3%); measured 0.35-1.53% on the CPU
-    assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.03, acc
-
-
-def test_fp8_attention_qk_modes_accuracy():
-    """Emulation, logit std 3 (peaked attention): qk="bf16" stays within the issue's 3% where the
-    all-fp8 mode does not (CPU, L 2048: 1.46% vs 4.3%)."""
-    q, k, v = fa8.make_realistic_qkv(1, 2048, 2, 128, seed=1, logit_std=3.0)
-    ref = fa8.attention_fp32(q, k, v)
-    bf = fg.accuracy(fa8.fp8_attention_reference(q, k, v, qk="bf16", pv="fp8", out_dtype=torch.float32), ref)
-    f8 = fg.accuracy(fa8.fp8_attention_reference(q, k, v, qk="fp8", pv="fp8", out_dtype=torch.float32), ref)
-    assert bf["rel_l2"] <= 0.03 and bf["cosine"] >= 0.9995 and bf["rel_l2"] < 0.6 * f8["rel_l2"], (bf, f8)
 
 
 @pytest.mark.gpu

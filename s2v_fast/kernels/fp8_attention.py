@@ -70,8 +70,6 @@ LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 PV_MODES = ("fp8", "bf16")
 DEFAULT_PV = "fp8"
-QK_MODES = ("fp8", "bf16")
-DEFAULT_QK = "fp8"
 SUPPORTED_D = (64, 128)
 
 # Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors; PROMOTE:
@@ -187,33 +185,29 @@ if triton is not None:
     @triton.jit
     def _fp8_attn_inner(
         acc, l_i, m_i, q, qs,
-        k_src, v_src, ks_base, offs_n, offs_d, skl, svl, Lk, lo, hi,
+        k_src, v_src, ks_base, offs_n, offs_d, svl, Lk, lo, hi,
         D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
-        QK_BF16: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr,
-        INTERPRET: tl.constexpr,
+        PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         for start_n in tl.range(lo, hi, BLOCK_N):
             n_idx = start_n + offs_n
             if TMA:
                 k = k_src.load([start_n, 0])
             else:
-                kp = k_src + n_idx[:, None] * skl + offs_d[None, :]
+                kp = k_src + n_idx[:, None] * D + offs_d[None, :]  # int32 in-tile offsets
                 if MASK_N:
                     k = tl.load(kp, mask=n_idx[:, None] < Lk, other=0.0)
                 else:
                     k = tl.load(kp)
+            if MASK_N:
+                ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0)
+            else:
+                ksc = tl.load(ks_base + n_idx)
             if UPCAST:
                 qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
                 qk = tl.dot(q, tl.trans(k))
-            if QK_BF16:  # bf16 q, k as given: no per-key scale
-                s = qk
-            else:
-                if MASK_N:
-                    ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0)
-                else:
-                    ksc = tl.load(ks_base + n_idx)
-                s = qk * ksc[None, :]
+            s = qk * ksc[None, :]
             if MASK_N:
                 s = tl.where(n_idx[None, :] < Lk, s, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(s, 1) * qs)
@@ -257,13 +251,11 @@ if triton is not None:
     @triton.jit
     def _fp8_attn_fwd_kernel(
         Q8, QS, K8, KS, V, VS, O,
-        H, Lq, Lk, Lp, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, qk_scale,
+        H, Lq, Lk, Lp, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, QK_BF16: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
+        TMA: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
         UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
-        """QK_BF16: Q8/K8 are the bf16 q, k [B, L, H, D] (strides sq*, sk*) and the logits are
-        scaled by qk_scale; else the e4m3 [B*H, L, D] buffers of quantize_qkv with QS / KS."""
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh64 = bh.to(tl.int64)
@@ -272,12 +264,8 @@ if triton is not None:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        if QK_BF16:
-            q_base = Q8 + b * sqb + h * sqh
-            k_base = K8 + b * skb + h * skh
-        else:
-            q_base = Q8 + bh64 * Lq * D
-            k_base = K8 + bh64 * Lk * D
+        q_base = Q8 + bh64 * Lq * D
+        k_base = K8 + bh64 * Lk * D
         if PV_FP8:
             v_base = V + bh64 * D * Lp
             svl_eff = Lp
@@ -285,8 +273,8 @@ if triton is not None:
             v_base = V + b * svb + h * svh
             svl_eff = svl
         if TMA:
-            q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[sql, 1], block_shape=[BLOCK_M, D])
-            k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skl, 1], block_shape=[BLOCK_N, D])
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+            k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[D, 1], block_shape=[BLOCK_N, D])
             if PV_FP8:
                 v_src = tl.make_tensor_descriptor(v_base, shape=[D, Lk], strides=[Lp, 1], block_shape=[D, BLOCK_N])
             else:
@@ -295,24 +283,21 @@ if triton is not None:
         else:
             k_src = k_base
             v_src = v_base
-            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :],
+            q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :],
                         mask=offs_m[:, None] < Lq, other=0.0)
-        if QK_BF16:
-            qs = tl.full([BLOCK_M], 1.0, tl.float32) * qk_scale
-        else:
-            qs = tl.load(QS + bh64 * Lq + offs_m, mask=offs_m < Lq, other=1.0)
+        qs = tl.load(QS + bh64 * Lq + offs_m, mask=offs_m < Lq, other=1.0)
         ks_base = KS + bh64 * Lk
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fp8_attn_inner(
-            acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, skl, svl_eff, Lk, 0, n_full,
-            D, BLOCK_N, False, TMA, QK_BF16, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+            acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, 0, n_full,
+            D, BLOCK_N, False, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _fp8_attn_inner(
-                acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, skl, svl_eff, Lk, n_full, Lk,
-                D, BLOCK_N, True, TMA, QK_BF16, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+                acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, n_full, Lk,
+                D, BLOCK_N, True, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
         o = acc / l_i[:, None]
         if PV_FP8:
             vs = tl.load(VS + bh64 * D + offs_d)
@@ -363,7 +348,7 @@ def quantize_v_reference(v: torch.Tensor, v_amax: torch.Tensor = None):
 
 def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, block_n: int = 128,
                             k_mean: torch.Tensor = None, v_amax: torch.Tensor = None,
-                            out_dtype=None, qk: str = None) -> torch.Tensor:
+                            out_dtype=None) -> torch.Tensor:
     """Pure-torch emulation of the fp8 kernel: same quantisation, same online-softmax blocking
     (key blocks of ``block_n``), fp32 arithmetic; [B, Lq, H, D] -> [B, Lq, H, D] (q.dtype)."""
     pv = pv or default_pv()
@@ -373,13 +358,8 @@ def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, bloc
     out_dtype = out_dtype or q.dtype
     if Lk == 0:
         return torch.zeros_like(q, dtype=out_dtype)
-    if (qk or default_qk()) == "bf16":  # q, k as given (bf16), the scale on the logits
-        q8, k8 = _bhld(q).float(), _bhld(k).float()
-        qs = torch.full(q8.shape[:-1], scale * LOG2E, device=q.device)
-        ks = torch.ones(k8.shape[:-1], device=q.device)
-    else:
-        q8, qs = quantize_q_reference(q, scale)
-        k8, ks, _ = quantize_k_reference(k, k_mean)
+    q8, qs = quantize_q_reference(q, scale)
+    k8, ks, _ = quantize_k_reference(k, k_mean)
     if pv == "fp8":
         v8, vs = quantize_v_reference(v, v_amax)
         vv = v8.float()
@@ -424,52 +404,34 @@ def default_pv() -> str:
     return pv
 
 
-def default_qk() -> str:
-    qk = os.environ.get("S2V_FP8_ATTN_QK", DEFAULT_QK)
-    if qk not in QK_MODES:
-        raise ValueError(f"S2V_FP8_ATTN_QK={qk!r}; use one of {QK_MODES}")
-    return qk
-
-
 def _padded_len(L: int) -> int:
     return max(16, -(-L // 16) * 16)
 
 
-def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None, qk: str = "fp8") -> dict:
+def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None) -> dict:
     """All quantisation work of one attention call (what the benchmark must include).
 
     Returns q8/k8 [B*H, L, D] e4m3, qs/ks [B*H, L] fp32, km [B, H, D]; for pv="fp8" also
-    vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32.
-    ``qk="bf16"``: no Q/K work at all (q, k stay bf16; the result holds them and the logit scale)."""
-    if qk == "bf16" and pv != "fp8":
-        raise ValueError("qk='bf16' keeps q, k in bf16: it needs pv='fp8' (else it is bf16 attention)")
+    vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32."""
     if use_kernels is None:
         use_kernels = kernels_usable(q, k, v)
-    res = None
     if use_kernels and not FALLBACKS.get("quantize"):
         try:
-            res = _quantize_qkv_kernels(q, k, v, softmax_scale, pv, qk)
+            return _quantize_qkv_kernels(q, k, v, softmax_scale, pv)
         except Exception as e:  # a kernel that does not compile here: the torch path, same numbers
             FALLBACKS["quantize"] = f"{type(e).__name__}: {str(e)[:200]}"
             warnings.warn(f"fp8 attention quantisation kernels failed ({FALLBACKS['quantize']}); using torch")
-    if res is None:
-        res = _quantize_qkv_torch(q, k, v, softmax_scale, pv, qk)
-    res["qk"] = qk
-    if qk == "bf16":
-        res.update(q=q, k=k, qk_scale=softmax_scale * LOG2E)
-    return res
+    return _quantize_qkv_torch(q, k, v, softmax_scale, pv)
 
 
-def _quantize_qkv_torch(q, k, v, softmax_scale, pv, qk="fp8"):
+def _quantize_qkv_torch(q, k, v, softmax_scale, pv):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
-    res = {}
-    if qk == "fp8":
-        q8, qs = quantize_q_reference(q, softmax_scale)
-        k8, ks, km = quantize_k_reference(k)
-        res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8.view(B * H, Lk, D),
-                   ks=ks.reshape(B * H, Lk), km=km)
+    q8, qs = quantize_q_reference(q, softmax_scale)
+    k8, ks, km = quantize_k_reference(k)
+    res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8.view(B * H, Lk, D),
+               ks=ks.reshape(B * H, Lk), km=km)
     if pv == "fp8":
         v8, vs = quantize_v_reference(v)
         Lp = _padded_len(Lk)
@@ -479,33 +441,7 @@ def _quantize_qkv_torch(q, k, v, softmax_scale, pv, qk="fp8"):
     return res
 
 
-def _quantize_qk_kernels(q, k, softmax_scale, res, grid, chunk, stats_r, block_c, br, interp):
-    """K mean over the keys, then Q and K per (token, head) to e4m3 (into ``res``)."""
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    dev = q.device
-    C = H * D
-    n_chunks = grid[0]
-    ksum = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
-    _col_stats_kernel[grid](k, ksum, ksum, Lk, C, D, k.stride(0), k.stride(1), k.stride(2), n_chunks,
-                            CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
-                            num_warps=4)
-    km = (ksum.sum(1) / Lk).view(B, H, D)
-    q8 = torch.empty((B * H, Lq, D), dtype=FP8_DTYPE, device=dev)
-    qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
-    k8 = torch.empty((B * H, Lk, D), dtype=FP8_DTYPE, device=dev)
-    ks = torch.empty((B * H, Lk), dtype=torch.float32, device=dev)
-    _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
-        q, q8, qs, qs, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
-        D=D, BLOCK_R=br, CENTER=False, INTERPRET=interp, num_warps=8)
-    kmc = km.reshape(B * H, D).contiguous()
-    _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
-        k, k8, ks, kmc, Lk, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
-        D=D, BLOCK_R=br, CENTER=True, INTERPRET=interp, num_warps=8)
-    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km)
-
-
-def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, qk="fp8"):
+def _quantize_qkv_kernels(q, k, v, softmax_scale, pv):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -520,8 +456,24 @@ def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, qk="fp8"):
     n_chunks = triton.cdiv(Lk, chunk)
     block_c = min(512, next_pow2(C))
     grid = (n_chunks, triton.cdiv(C, block_c), B)
-    if qk == "fp8":
-        _quantize_qk_kernels(q, k, softmax_scale, res, grid, chunk, stats_r, block_c, br, interp)
+    ksum = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
+    _col_stats_kernel[grid](k, ksum, ksum, Lk, C, D, k.stride(0), k.stride(1), k.stride(2), n_chunks,
+                            CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
+                            num_warps=4)
+    km = (ksum.sum(1) / Lk).view(B, H, D)
+    # 2. Q and K per (token, head)
+    q8 = torch.empty((B * H, Lq, D), dtype=FP8_DTYPE, device=dev)
+    qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
+    k8 = torch.empty((B * H, Lk, D), dtype=FP8_DTYPE, device=dev)
+    ks = torch.empty((B * H, Lk), dtype=torch.float32, device=dev)
+    _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
+        q, q8, qs, qs, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
+        D=D, BLOCK_R=br, CENTER=False, INTERPRET=interp, num_warps=8)
+    kmc = km.reshape(B * H, D).contiguous()
+    _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
+        k, k8, ks, kmc, Lk, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
+        D=D, BLOCK_R=br, CENTER=True, INTERPRET=interp, num_warps=8)
+    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km)
     if pv == "fp8":
         vmax = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
         _col_stats_kernel[grid](v, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2), n_chunks,
@@ -563,20 +515,13 @@ def _launch(cfg, qz, v, out, pv):
         ensure_tma_allocator()
     pv_fp8 = pv == "fp8"
     vsrc = qz["vt"] if pv_fp8 else v
-    qk_bf16 = qz.get("qk") == "bf16"
-    if qk_bf16:  # bf16 q, k read in place; QS / KS unused (any fp32 buffer)
-        q, k = qz["q"], qz["k"]
-        sq, sk, qs, ks, qk_scale = q.stride(), k.stride(), qz["vs"], qz["vs"], qz["qk_scale"]
-    else:
-        q, k = qz["q8"], qz["k8"]
-        sq, sk, qs, ks, qk_scale = (0, D, 0), (0, D, 0), qz["qs"], qz["ks"], 1.0
     vs = qz["vs"] if pv_fp8 else qz["qs"]
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _fp8_attn_fwd_kernel[grid](
-        q, qs, k, ks, vsrc, vs, out,
-        H, Lq, Lk, qz.get("Lp", 0), sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), qk_scale,
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma, QK_BF16=qk_bf16,
+        qz["q8"], qz["qs"], qz["k8"], qz["ks"], vsrc, vs, out,
+        H, Lq, Lk, qz.get("Lp", 0), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma,
         PV_FP8=pv_fp8, PROMOTE=bool(cfg.get("PROMOTE", True)), UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -587,23 +532,23 @@ def _agrees(a, b):
     return err == err and err <= 3e-2 * max(1.0, b.float().abs().max().item())
 
 
-def _tune_key(q, v, pv, qk="fp8"):
-    return (q.shape[-1], q.dtype, v.dtype, _bucket(q.shape[1]), _bucket(v.shape[1]), pv, qk)
+def _tune_key(q, v, pv):
+    return (q.shape[-1], q.dtype, v.dtype, _bucket(q.shape[1]), _bucket(v.shape[1]), pv)
 
 
-def tuned_config(q, v, pv: str = None, qk: str = None):
+def tuned_config(q, v, pv: str = None):
     """The config the tuner picked for inputs like these (None before the first call)."""
     forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
     if forced is not None:
         return FP8_CONFIGS[int(forced)]
-    return _TUNED.get(_tune_key(q, v, pv or default_pv(), qk or default_qk()))
+    return _TUNED.get(_tune_key(q, v, pv or default_pv()))
 
 
 def _pick_config(qz, v, out, pv):
     forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
     if forced is not None:
         return FP8_CONFIGS[int(forced)]
-    key = _tune_key(out, v, pv, qz.get("qk", "fp8"))
+    key = _tune_key(out, v, pv)
     if key in _TUNED:
         return _TUNED[key]
     cands = [(i, c) for i, c in enumerate(FP8_CONFIGS) if _config_usable(c)]
@@ -649,32 +594,29 @@ def fp8_attention_usable(q, k, v) -> bool:
 
 
 def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, config=None,
-                  quantized: dict = None, qk: str = None) -> torch.Tensor:
+                  quantized: dict = None) -> torch.Tensor:
     """FP8 attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q.dtype.
 
-    ``pv``: "fp8" (default, env S2V_FP8_ATTN_PV) or "bf16". ``qk``: "fp8" (default, env
-    S2V_FP8_ATTN_QK) or "bf16": QK^T from the bf16 q, k as given (no Q/K quantisation, no K mean),
-    only P.V in fp8 -- bf16-like logits, most of the speed. ``config``: a FP8_CONFIGS-like dict
+    ``pv``: "fp8" (default, env S2V_FP8_ATTN_PV) or "bf16". ``config``: a FP8_CONFIGS-like dict
     (bypasses the tuner). ``quantized``: output of :func:`quantize_qkv` (benchmarks timing the
     attention kernel alone). Falls back to :func:`fp8_attention_reference` (same numbers, torch)
     where the kernel cannot run."""
     pv = pv or default_pv()
-    qk = qk or default_qk()
-    if pv not in PV_MODES or qk not in QK_MODES:
-        raise ValueError(f"pv={pv!r}, qk={qk!r}; use pv in {PV_MODES}, qk in {QK_MODES}")
+    if pv not in PV_MODES:
+        raise ValueError(f"pv={pv!r}; use one of {PV_MODES}")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if not (fp8_attention_usable(q, k, v) and kernels_usable(out)):
-        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv, qk=qk))
+        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv))
         return out
     if B * H * Lq == 0:
         return out
     if Lk == 0:
         return out.zero_()
-    qz = quantized if quantized is not None else quantize_qkv(q, k, v, scale, pv, use_kernels=True, qk=qk)
+    qz = quantized if quantized is not None else quantize_qkv(q, k, v, scale, pv, use_kernels=True)
     cfg = config if config is not None else _pick_config(qz, v, out, pv)
     _launch(cfg, qz, v, out, pv)
     return out
