@@ -73,8 +73,8 @@ DEFAULT_PV = "fp8"
 SUPPORTED_D = (64, 128)
 
 # Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors; PROMOTE:
-# two-level accumulation of the fp8 P.V MMA. Entry 0 is the H100's fastest (683 / 655 TFLOP/s
-# kernel-only at 32,760 / 79,200 tokens, results/attention_configs-*): one warpgroup per CTA in
+# two-level accumulation of the fp8 P.V MMA. Entry 0 is the H100's fastest (672-683 / 644-660
+# TFLOP/s kernel-only at 32,760 / 79,200 tokens, results/attention_configs*-*): one warpgroup per CTA in
 # 108 KB of shared memory and 215 registers (sm_90 SASS, triton 3.6), so two independent CTAs share
 # an SM and one's softmax overlaps the other's MMAs (see flash_attention.FLASH_CONFIGS). Entries 7-8
 # (168 registers, 58 / 75 KB) fit three CTAs per SM. The warp-specialised `tl.range` loops of
