@@ -60,6 +60,7 @@ class Cfg:
     q_stride = 16  # accuracy on every 16th query row
     gemm_acc_rows = 4096
     dit = dict(preset="wan2.2-s2v-14b", height=448, width=832, frames=80, tag="448x832")
+    dit_iters = 3
     budget_s = 225.0
     bf16_backend = "cudnn"
 
@@ -329,7 +330,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fast", tokens=tokens, attention=bf16_backend,
                  build_s=build_s)
         try:
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
+            r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
             with BlockRecorder() as rec_bf:
                 out_bf = step().float()
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
@@ -369,7 +370,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fp8linear", tokens=tokens, attention=bf16_backend,
                  quantize_s=qs)
         try:
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
+            r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
             r["speedup_vs_fast"] = rows["fast"]["median_ms"] / r["median_ms"]
             with BlockRecorder() as rec_l:
                 out_l = step().float()
@@ -389,7 +390,7 @@ def bench_dit(cfg, recs):
             attn_registry.set_attention_backend("fp8")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            r["median_ms"] = time_ms(step, cfg.warmup, 3)["median_ms"]
+            r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
             with BlockRecorder() as rec_8:
                 out_8 = step().float()
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
@@ -473,8 +474,14 @@ def main(argv=None):
     ap.add_argument("--skip-dit", action="store_true")
     ap.add_argument("--topic", default="fp8", help="results file topic (default fp8)")
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="attention token counts")
+    ap.add_argument("--dit-size", default=None, help="HxW of the DiT step section (default 448x832)")
+    ap.add_argument("--dit-iters", type=int, default=3, help="timed DiT steps per row (default 3)")
     a = ap.parse_args(argv)
     cfg = Cfg()
+    cfg.dit_iters = a.dit_iters
+    if a.dit_size:
+        h, w = (int(t) for t in a.dit_size.lower().split("x"))
+        cfg.dit = dict(cfg.dit, height=h, width=w, tag=f"{h}x{w}")
     if a.smoke:
         cfg.device, cfg.H, cfg.D = "cpu", 2, 64
         cfg.attn_sizes = (96, 160)

@@ -32,6 +32,7 @@ stage() {
     attnlayout) python3 bench/bench_attention_layout.py ;;
     rmsnorm) python3 bench/bench_kernels.py --quick --only kernel_rms_norm --topic kernels_rms_norm ;;
     fp8dit) python3 bench/bench_fp8.py --skip-attention --skip-gemm --topic fp8_dit ;;
+    fp8dit704) python3 bench/bench_fp8.py --skip-attention --skip-gemm --dit-size 704x1280 --dit-iters 2 --topic fp8_dit704 ;;
     flash) python3 bench/bench_kernels.py --quick --only attention_triton --no-cross --topic flash_configs ;;
     attncfg) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 ;;
     attncfgbf16) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only bf16 --topic attention_configs_bf16 ;;
