@@ -41,6 +41,23 @@ if HAS_TRITON:
         else:
             return x.to(DTYPE)
 
+    @triton.jit
+    def load_rows(base, rows, offs_d, stride, L, MASK: tl.constexpr):
+        """The [len(rows), D] tile at ``base + rows * stride + offs_d`` (K or V of an attention
+        kernel); with MASK, rows >= L read as 0."""
+        ptrs = base + rows[:, None] * stride + offs_d[None, :]
+        if MASK:
+            return tl.load(ptrs, mask=rows[:, None] < L, other=0.0)
+        return tl.load(ptrs)
+
+    @triton.jit
+    def dot_upcast(a, b, acc, UPCAST: tl.constexpr):
+        """``tl.dot(a, b, acc)``; UPCAST (the CPU interpreter, whose bf16 x bf16 dot computes
+        garbage in triton 3.9) multiplies in fp32 instead."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
 
 def is_interpreter() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
+    dot_upcast,
     ensure_tma_allocator,
     has_tensor_descriptor,
     is_interpreter,
     kernels_usable,
+    load_rows,
     next_pow2,
     to_dtype,
     triton,
@@ -83,15 +85,8 @@ if triton is not None:
             if TMA:
                 k = k_src.load([start_n, 0])
             else:
-                kp = k_src + (start_n + offs_n)[:, None] * skl + offs_d[None, :]
-                if MASK_N:
-                    k = tl.load(kp, mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
-                else:
-                    k = tl.load(kp)
-            if UPCAST:
-                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-            else:
-                qk = tl.dot(q, tl.trans(k))
+                k = load_rows(k_src, start_n + offs_n, offs_d, skl, Lk, MASK_N)
+            qk = dot_upcast(q, tl.trans(k), None, UPCAST)
             if MASK_N:
                 qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -102,16 +97,8 @@ if triton is not None:
             if TMA:
                 v = v_src.load([start_n, 0])
             else:
-                vp = v_src + (start_n + offs_n)[:, None] * svl + offs_d[None, :]
-                if MASK_N:
-                    v = tl.load(vp, mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
-                else:
-                    v = tl.load(vp)
-            p_lp = to_dtype(p, v.dtype, INTERPRET)
-            if UPCAST:
-                acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p_lp, v, acc)
+                v = load_rows(v_src, start_n + offs_n, offs_d, svl, Lk, MASK_N)
+            acc = dot_upcast(to_dtype(p, v.dtype, INTERPRET), v, acc, UPCAST)
             m_i = m_ij
         return acc, l_i, m_i
 

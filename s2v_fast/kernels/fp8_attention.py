@@ -55,10 +55,12 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
+    dot_upcast,
     ensure_tma_allocator,
     has_tensor_descriptor,
     is_interpreter,
     kernels_usable,
+    load_rows,
     next_pow2,
     to_dtype,
     triton,
@@ -194,19 +196,12 @@ if triton is not None:
             if TMA:
                 k = k_src.load([start_n, 0])
             else:
-                kp = k_src + n_idx[:, None] * D + offs_d[None, :]  # int32 in-tile offsets
-                if MASK_N:
-                    k = tl.load(kp, mask=n_idx[:, None] < Lk, other=0.0)
-                else:
-                    k = tl.load(kp)
+                k = load_rows(k_src, n_idx, offs_d, D, Lk, MASK_N)
             if MASK_N:
                 ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0)
             else:
                 ksc = tl.load(ks_base + n_idx)
-            if UPCAST:
-                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-            else:
-                qk = tl.dot(q, tl.trans(k))
+            qk = dot_upcast(q, tl.trans(k), None, UPCAST)
             s = qk * ksc[None, :]
             if MASK_N:
                 s = tl.where(n_idx[None, :] < Lk, s, float("-inf"))
@@ -235,16 +230,8 @@ if triton is not None:
                 else:
                     acc = tl.dot(p8, tl.trans(vt), acc)
             else:
-                vp = v_src + n_idx[:, None] * svl + offs_d[None, :]
-                if MASK_N:
-                    v = tl.load(vp, mask=n_idx[:, None] < Lk, other=0.0)
-                else:
-                    v = tl.load(vp)
-                p_lp = to_dtype(p, v.dtype, INTERPRET)
-                if UPCAST:
-                    acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(p_lp, v, acc)
+                v = load_rows(v_src, n_idx, offs_d, svl, Lk, MASK_N)
+                acc = dot_upcast(to_dtype(p, v.dtype, INTERPRET), v, acc, UPCAST)
             m_i = m_ij
         return acc, l_i, m_i
 
