@@ -309,7 +309,6 @@ def bench_dit(cfg, recs):
 
     tag = cfg.dit["tag"]
     base = dict(preset=cfg.dit["preset"], batch=2, height=cfg.dit["height"], width=cfg.dit["width"])
-    rows = {}
     prev_backend = attn_registry.get_attention_backend()
     # bf16 baseline on cuDNN explicitly ("auto" picked it on the H100, and its first call would
     # compile every bf16 Triton flash config)
@@ -337,21 +336,31 @@ def bench_dit(cfg, recs):
         except Exception as e:
             r["error"] = _err(e)
             raise
-        rows["fast"] = r
         recs.append(r)
         _print(recs[-1:])
+        fast_ms = r["median_ms"]
+
+        def vs_bf16(r, timed=True, all_blocks=False):
+            """Median step time and speed-up (timed), then one recorded call: its accuracy and
+            per-block error against the bf16 step."""
+            if timed:
+                r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
+                r["speedup_vs_fast"] = fast_ms / r["median_ms"]
+            t = time.time()
+            with BlockRecorder() as rec:
+                out = step().float()
+                _sync()
+            if not timed:  # the first call: tuning and compilation included
+                r["first_call_s"] = time.time() - t
+            r.update(fg.accuracy(out, out_bf))
+            per_block = _per_block(rec_bf.store, rec.store)
+            r["per_block"] = per_block if all_blocks else per_block[-1:]
+
         # --- bf16 linears + fp8 attention (accuracy of the attention half; one call)
         r = dict(base, name=f"dit14b_step_{tag}_fp8attn", tokens=tokens, attention="fp8")
         try:
             attn_registry.set_attention_backend("fp8")
-            with BlockRecorder() as rec_a:
-                t = time.time()
-                out_a = step().float()
-                _sync()
-                r["first_call_s"] = time.time() - t
-            r.update(fg.accuracy(out_a, out_bf))
-            r["per_block"] = _per_block(rec_bf.store, rec_a.store)[-1:]
-            del out_a, rec_a
+            vs_bf16(r, timed=False)
         except Exception as e:
             r["error"] = _err(e)
             traceback.print_exc()
@@ -370,13 +379,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fp8linear", tokens=tokens, attention=bf16_backend,
                  quantize_s=qs)
         try:
-            r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
-            r["speedup_vs_fast"] = rows["fast"]["median_ms"] / r["median_ms"]
-            with BlockRecorder() as rec_l:
-                out_l = step().float()
-            r.update(fg.accuracy(out_l, out_bf))
-            r["per_block"] = _per_block(rec_bf.store, rec_l.store)[-1:]
-            del out_l, rec_l
+            vs_bf16(r)
         except Exception as e:
             r["error"] = _err(e)
             traceback.print_exc()
@@ -390,14 +393,9 @@ def bench_dit(cfg, recs):
             attn_registry.set_attention_backend("fp8")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            r["median_ms"] = time_ms(step, cfg.warmup, cfg.dit_iters)["median_ms"]
-            with BlockRecorder() as rec_8:
-                out_8 = step().float()
+            vs_bf16(r, all_blocks=True)
             r["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
-            r.update(fg.accuracy(out_8, out_bf))
             r["fallbacks"] = _fallbacks()
-            r["per_block"] = _per_block(rec_bf.store, rec_8.store)
-            r["speedup_vs_fast"] = rows["fast"]["median_ms"] / r["median_ms"]
         except Exception as e:
             r["error"] = _err(e)
             traceback.print_exc()
