@@ -352,8 +352,7 @@ class S2VPipeline:
         if value not in PRECISIONS:
             raise InputError(f"precision {value!r}: use fast or reference")
         if value == "fast":
-            why = fast_precision_blocker(self.offload_mode,
-                                         self.parallel.config if self.parallel is not None else None)
+            why = fast_precision_blocker(self.parallel.config if self.parallel is not None else None)
             if why:
                 raise InputError(f"{why}; use --precision reference")
         self.dit_module.precision = value
@@ -369,20 +368,14 @@ class S2VPipeline:
     def enable_layerwise_offload(self, free_encoders: bool = False) -> "S2VPipeline":
         """``--enable-layerwise-offload``: as :meth:`enable_cpu_offload`, and the DiT blocks stay
         in pinned host memory during denoising too: two block-sized GPU buffers, the next block
-        copied on a side stream while the current one runs. Needs ``precision="reference"``
-        until the fused fast path supports the per-block hooks."""
+        copied on a side stream while the current one runs. Works with both precisions."""
         return self._enable_offload("layerwise", free_encoders)
 
     def _enable_offload(self, mode: str, free_encoders: bool) -> "S2VPipeline":
         from .offload import ModelOffloader, enable_layerwise_offload
-        from .runtime import fast_precision_blocker
 
         if self.offloader is not None:
             raise S2VError(f"offload ({self.offload_mode}) is already enabled on this pipeline")
-        if self.precision == "fast":
-            why = fast_precision_blocker(mode)
-            if why:
-                raise InputError(f"{why}; set precision='reference' first")
         off = ModelOffloader(self.device)
         if mode == "layerwise":
             enable_layerwise_offload(self.dit_module, self.device)

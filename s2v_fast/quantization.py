@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .kernels import fp8_attention as _fp8_attention  # noqa: F401  (registers backend "fp8")
 from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemm, fp8_linear, quantize_rows, quantize_weight
 
 MODES = ("none", "fp8")

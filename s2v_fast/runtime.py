@@ -62,7 +62,7 @@ def offload_mode_from_flags(cpu: bool, layerwise: bool) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- precision
-def fast_precision_blocker(offload: Optional[str] = None, parallel=None) -> Optional[str]:
+def fast_precision_blocker(parallel=None) -> Optional[str]:
     """Why precision 'fast' cannot run with these options (None when it can); the reason names
     the flag. ``parallel``: a ParallelConfig or None. (Every offload mode supports 'fast'.)"""
     if parallel is not None:
@@ -76,10 +76,11 @@ def resolve_precision(precision: Optional[str], device, *, offload: Optional[str
                       parallel=None) -> Tuple[str, Optional[str]]:
     """-> (precision, note). Default: 'fast' on CUDA, 'reference' on the CPU (the fused Triton
     kernels run only on CUDA) or when an option does not support 'fast' yet (the note says
-    which). An explicit 'fast' that cannot run is an InputError naming the flag."""
+    which). An explicit 'fast' that cannot run is an InputError naming the flag. ``offload``
+    is accepted for the callers' symmetry: every offload mode runs 'fast'."""
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: use fast or reference")
-    blocker = fast_precision_blocker(offload, parallel)
+    blocker = fast_precision_blocker(parallel)
     if precision == "fast":
         if blocker:
             raise InputError(f"{blocker}; use --precision reference")

@@ -29,6 +29,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._utils import outputs_agree, shape_bucket
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ENV_VAR = "S2V_ATTENTION_BACKEND"
 
@@ -137,13 +139,9 @@ def attention_backend(name: str):
         _current = prev
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _auto_key(q, k) -> Tuple:
-    return (q.device.index, q.dtype, q.shape[0], q.shape[2], q.shape[3], _bucket(q.shape[1]),
-            _bucket(k.shape[1]))
+    return (q.device.index, q.dtype, q.shape[0], q.shape[2], q.shape[3], shape_bucket(q.shape[1]),
+            shape_bucket(k.shape[1]))
 
 
 def _time_backend(fn, q, k, v, iters: int = 3) -> float:
@@ -155,11 +153,6 @@ def _time_backend(fn, q, k, v, iters: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    err = (a.float() - b.float()).abs().max().item()
-    return err == err and err <= 2e-2 * max(1.0, b.float().abs().max().item())
 
 
 def resolve_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -181,7 +174,7 @@ def resolve_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
             out = fn(q, k, v)
             if ref is None:
                 ref = out
-            elif not _close(out, ref):
+            elif not outputs_agree(out, ref):
                 continue
             timings[name] = _time_backend(fn, q, k, v)
         except Exception:  # not supported for this shape / GPU
