@@ -196,7 +196,7 @@ def bench_kernel(op, L, cfg):
 from s2v_fast.kernels import attention as attn_registry  # noqa: E402
 
 # every registered backend that can run here (flash_attn only when the package is installed)
-ATTN_BACKENDS = tuple(b for b in ("triton", "cudnn", "sdpa_flash", "flash_attn")
+ATTN_BACKENDS = tuple(b for b in ("triton", "cuda", "cudnn", "sdpa_flash", "flash_attn")
                       if b in attn_registry.available_attention_backends())
 
 

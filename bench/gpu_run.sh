@@ -42,6 +42,8 @@ stage() {
     ditcudnn) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend cudnn --topic dit_attn_cudnn ;;
     gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
     gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
+    gpucuda) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda_attention.py ;;
+    cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }

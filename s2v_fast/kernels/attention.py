@@ -10,6 +10,9 @@ Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
 * ``cudnn``: SDPA restricted to cuDNN attention (the official code's fastest path on H100).
 * ``sdpa_flash``: SDPA restricted to its built-in FlashAttention-2.
 * ``triton``: our Triton flash-attention forward (``flash_attention.py``).
+* ``cuda``: our CUDA C++ flash-attention forward for Hopper (``csrc/flash_attention_sm90.cu`` via
+  ``cuda_attention.py``; bf16, head dim 128, sm_90; built with nvcc on first use). Listed when CUDA
+  and nvcc are present.
 * ``fp8``: our FP8 Triton attention (``fp8_attention.py``; opt-in, changes numerics: per-token
   Q/K e4m3 scales, K mean-centred).
 * ``flash_attn``: the ``flash_attn`` package (FlashAttention-3 ``flash_attn_interface`` when
@@ -58,6 +61,22 @@ def triton_backend(q, k, v):
     return triton_attention(q, k, v)
 
 
+def cuda_backend(q, k, v):
+    from . import cuda_attention
+
+    reason = cuda_attention.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return cuda_attention.cuda_attention(q, k, v)
+
+
+def _cuda_backend_listed() -> bool:
+    from . import cuda_attention
+
+    return (torch.cuda.is_available() and cuda_attention.source_path().is_file()
+            and cuda_attention.find_nvcc() is not None)
+
+
 def _flash_attn_fn() -> Optional[AttentionFn]:
     """FlashAttention-3 (hopper build) or -2 from the flash_attn package, when importable."""
     try:  # FA3 ships as `flash_attn_interface`
@@ -88,12 +107,14 @@ _fa = _flash_attn_fn()
 if _fa is not None:
     _BACKENDS["flash_attn"] = _fa
 del _fa
+if _cuda_backend_listed():
+    _BACKENDS["cuda"] = cuda_backend
 
 # Candidates `auto` times on CUDA, cuDNN first (the reference every other output is checked against).
-AUTO_CANDIDATES = ("cudnn", "triton", "flash_attn", "sdpa_flash")
+AUTO_CANDIDATES = ("cudnn", "cuda", "triton", "flash_attn", "sdpa_flash")
 # Shapes below this many score entries (Lq * Lk per head) are cheap: auto uses plain SDPA.
 AUTO_MIN_SCORES = 1 << 22
-BACKEND_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "triton", "flash_attn", "fp8")
+BACKEND_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "triton", "cuda", "flash_attn", "fp8")
 
 _current = os.environ.get(ENV_VAR, "auto") or "auto"
 _auto_choice: Dict[Tuple, str] = {}
@@ -110,6 +131,12 @@ def available_attention_backends() -> list:
 
 def check_attention_backend(name: str) -> str:
     """Return ``name`` if usable here, else raise ValueError with a one-line fix."""
+    if name == "cuda":
+        from .cuda_attention import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            raise ValueError(reason)
     if name == "auto" or name in _BACKENDS:
         return name
     if name == "flash_attn":

@@ -1,0 +1,416 @@
+// Flash-attention forward for Hopper (sm_90a) in CUDA C++: bf16, head dim 128, non-causal, unmasked.
+//
+//   o[b, s, h] = softmax_j(q[b, s, h] . k[b, j, h] * scale) @ v[b, :, h]       layout [B, L, H, D]
+//
+// Same numerics as FlashAttention-2/3 and our Triton kernel: QK^T in fp32, online softmax in fp32
+// with exp2 and the scale folded into one FMA, P rounded to bf16 before P.V (fp32 accumulate).
+//
+// Why C++: Triton 3.6 runs QK^T -> wait -> softmax -> PV in lockstep inside a CTA, so the tensor
+// cores idle during each softmax (bench/NOTES.md section 10). Here one CTA holds a producer
+// warpgroup (TMA loads of K/V tiles into a 2-stage shared-memory ring, mbarrier hand-off) and two
+// consumer warpgroups of 64 query rows each. Each consumer issues QK^T of tile j and P.V of tile
+// j-1 as asynchronous wgmma groups, then does tile j's softmax while P.V runs (FA3's intra-warpgroup
+// overlap); the two consumers also overlap each other.
+//
+// Shared memory: every tile is stored as two 64-column halves, 128-byte rows, 128B swizzle (what
+// the TMA box writes and the wgmma descriptors read). Q 32 KB + 2 x (K 32 KB + V 32 KB) = 160 KB.
+//
+// Host entry: s2v_flash_attention_sm90(...) (extern "C", loaded with ctypes by
+// s2v_fast/kernels/cuda_attention.py, which also builds this file with nvcc on first use).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kHeadDim = 128;
+constexpr int kBlockM = 128;  // query rows per CTA (two consumer warpgroups x 64)
+constexpr int kBlockN = 128;  // keys per tile
+constexpr int kStages = 2;
+constexpr int kHalfBytes = 128 * 128;                 // one 64-column half: 128 rows x 128 B
+constexpr int kTileBytes = kBlockN * kHeadDim * 2;    // 32 KB (Q, K or V tile)
+constexpr int kThreads = 384;                         // producer + 2 consumer warpgroups
+constexpr int kSmemBytes = kTileBytes * (1 + 2 * kStages) + 1024 /*align*/ + 256 /*barriers*/;
+
+// ---------------------------------------------------------------- PTX wrappers
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// One TMA box (64 columns x rows) of a 4-D [B, L, H, D] tensor map into shared memory.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int d0,
+                                         int h, int row, int b) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(d0), "r"(h), "r"(row), "r"(b), "r"(bar)
+      : "memory");
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle (PTX ISA "matrix descriptor format").
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lead_bytes,
+                                              uint32_t stride_bytes) {
+  uint64_t d = (uint64_t)((addr & 0x3FFFF) >> 4);
+  d |= (uint64_t)((lead_bytes >> 4) & 0x3FFF) << 16;
+  d |= (uint64_t)((stride_bytes >> 4) & 0x3FFF) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Ties the accumulator registers to the preceding wait so no read moves above it.
+__device__ __forceinline__ void reg_fence(float (&r)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// D[64x128] (+)= A[64x16] * B[16x128]; A and B from shared memory (descriptors), both K-major.
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64x128] += A[64x16] * B[16x128]; A from registers (bf16 pairs), B from shared memory, MN-major.
+__device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float (&d)[64], const uint32_t (&a)[4],
+                                                       uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------- the kernel
+struct Params {
+  __nv_bfloat16* out;
+  int64_t o_sb, o_sl, o_sh;  // output strides in elements
+  int lq, lk, heads;
+  float scale_log2;          // softmax scale * log2(e)
+};
+
+// Online-softmax step on one 64x128 score tile held as the wgmma accumulator fragment: thread
+// (warp w, lane t) holds rows 16w + t/4 (s[4i], s[4i+1]) and 16w + t/4 + 8 (s[4i+2], s[4i+3]) at
+// columns 8i + 2(t%4) + {0,1}. Overwrites s with exp2(s*scale - m) and returns the rescale factor
+// of the running output in alpha.
+template <bool kMaskTail>
+__device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], float (&l)[2],
+                                             float (&alpha)[2], int valid_cols, float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  if (kMaskTail) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int col = 8 * i + 2 * (lane & 3);
+      if (col >= valid_cols) { s[4 * i] = -INFINITY; s[4 * i + 2] = -INFINITY; }
+      if (col + 1 >= valid_cols) { s[4 * i + 1] = -INFINITY; s[4 * i + 3] = -INFINITY; }
+    }
+  }
+  float mx0 = m[0], mx1 = m[1];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+  alpha[0] = exp2f((m[0] - mx0) * scale_log2);
+  alpha[1] = exp2f((m[1] - mx1) * scale_log2);
+  m[0] = mx0;
+  m[1] = mx1;
+  const float ms0 = mx0 * scale_log2, ms1 = mx1 * scale_log2;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    s[4 * i] = exp2f(fmaf(s[4 * i], scale_log2, -ms0));
+    s[4 * i + 1] = exp2f(fmaf(s[4 * i + 1], scale_log2, -ms0));
+    s[4 * i + 2] = exp2f(fmaf(s[4 * i + 2], scale_log2, -ms1));
+    s[4 * i + 3] = exp2f(fmaf(s[4 * i + 3], scale_log2, -ms1));
+    sum0 += s[4 * i] + s[4 * i + 1];
+    sum1 += s[4 * i + 2] + s[4 * i + 3];
+  }
+  l[0] = l[0] * alpha[0] + sum0;  // per-thread partial row sums; reduced over the quad at the end
+  l[1] = l[1] * alpha[1] + sum1;
+}
+
+// The accumulator fragment of S is, two columns at a time, the A-operand fragment of P.V
+// (k-step kk covers keys 16kk..16kk+15): no shuffles.
+__device__ __forceinline__ void scores_to_p(const float (&s)[64], uint32_t (&p)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+    p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+    p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+    p[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_fwd_sm90(const __grid_constant__ CUtensorMap q_map,
+                   const __grid_constant__ CUtensorMap k_map,
+                   const __grid_constant__ CUtensorMap v_map, const Params prm) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t q_smem = base;
+  const uint32_t k_smem = base + kTileBytes;                 // + stage * kTileBytes
+  const uint32_t v_smem = base + kTileBytes * (1 + kStages);
+  const uint32_t bars = base + kTileBytes * (1 + 2 * kStages);
+  const uint32_t bar_q = bars;
+  auto bar_k_full = [&](int s) { return bars + 8 * (1 + s); };
+  auto bar_v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
+  auto bar_k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages + s); };
+  auto bar_v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages + s); };
+
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int n_tiles = (prm.lk + kBlockN - 1) / kBlockN;
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_k_full(s), 1);
+      mbar_init(bar_v_full(s), 1);
+      mbar_init(bar_k_empty(s), 256);
+      mbar_init(bar_v_empty(s), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // ------------------------------------------------ producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (threadIdx.x == 0) {
+      mbar_expect_tx(bar_q, kTileBytes);
+      tma_load(q_smem, &q_map, bar_q, 0, h, m_block * kBlockM, b);
+      tma_load(q_smem + kHalfBytes, &q_map, bar_q, 64, h, m_block * kBlockM, b);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % kStages;
+        const uint32_t phase = (j / kStages) & 1;
+        mbar_wait(bar_k_empty(s), phase ^ 1);
+        mbar_expect_tx(bar_k_full(s), kTileBytes);
+        tma_load(k_smem + s * kTileBytes, &k_map, bar_k_full(s), 0, h, j * kBlockN, b);
+        tma_load(k_smem + s * kTileBytes + kHalfBytes, &k_map, bar_k_full(s), 64, h, j * kBlockN, b);
+        mbar_wait(bar_v_empty(s), phase ^ 1);
+        mbar_expect_tx(bar_v_full(s), kTileBytes);
+        tma_load(v_smem + s * kTileBytes, &v_map, bar_v_full(s), 0, h, j * kBlockN, b);
+        tma_load(v_smem + s * kTileBytes + kHalfBytes, &v_map, bar_v_full(s), 64, h, j * kBlockN, b);
+      }
+    }
+    return;
+  }
+  // ------------------------------------------------------------------------ consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  const int row0 = (warpgroup - 1) * 64;  // this warpgroup's first row inside the CTA tile
+  const float scale_log2 = prm.scale_log2;
+  const int tail_cols = prm.lk - (n_tiles - 1) * kBlockN;  // valid keys in the last tile
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float s[64];
+  uint32_t p[8][4];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
+
+  auto issue_qk = [&](int stage) {
+    const uint32_t kb = k_smem + stage * kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint32_t off = (kk / 4) * kHalfBytes + (kk % 4) * 32;
+      wgmma_m64n128k16_ss(s, gmma_desc(q_smem + row0 * 128 + off, 16, 1024),
+                          gmma_desc(kb + off, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int stage) {
+    const uint32_t vb = v_smem + stage * kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma_m64n128k16_rs_tb(o, p[kk], gmma_desc(vb + kk * 16 * 128, kHalfBytes, 1024));
+    wgmma_commit();
+  };
+
+  mbar_wait(bar_q, 0);
+  mbar_wait(bar_k_full(0), 0);
+  issue_qk(0);
+  wgmma_wait<0>();
+  reg_fence(s);
+  mbar_arrive(bar_k_empty(0));
+  if (n_tiles == 1 && tail_cols < kBlockN)
+    softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
+  else
+    softmax_step<false>(s, m, l, alpha, kBlockN, scale_log2);
+  scores_to_p(s, p);
+
+  for (int j = 1; j < n_tiles; ++j) {
+    const int sk = j % kStages, sv = (j - 1) % kStages;
+    mbar_wait(bar_k_full(sk), (j / kStages) & 1);
+    issue_qk(sk);
+    mbar_wait(bar_v_full(sv), ((j - 1) / kStages) & 1);
+    issue_pv(sv);
+    wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
+    reg_fence(s);
+    mbar_arrive(bar_k_empty(sk));
+    if (j == n_tiles - 1 && tail_cols < kBlockN)
+      softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
+    else
+      softmax_step<false>(s, m, l, alpha, kBlockN, scale_log2);
+    wgmma_wait<0>();
+    reg_fence(o);
+    mbar_arrive(bar_v_empty(sv));
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      o[4 * i] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
+    }
+    scores_to_p(s, p);
+  }
+  {
+    const int sv = (n_tiles - 1) % kStages;
+    mbar_wait(bar_v_full(sv), ((n_tiles - 1) / kStages) & 1);
+    issue_pv(sv);
+    wgmma_wait<0>();
+    reg_fence(o);
+    mbar_arrive(bar_v_empty(sv));
+  }
+
+  // ---- epilogue: normalise and store (rows past Lq are not written)
+  l[0] += __shfl_xor_sync(0xffffffff, l[0], 1);
+  l[1] += __shfl_xor_sync(0xffffffff, l[1], 1);
+  l[0] += __shfl_xor_sync(0xffffffff, l[0], 2);
+  l[1] += __shfl_xor_sync(0xffffffff, l[1], 2);
+  const float inv0 = 1.f / l[0], inv1 = 1.f / l[1];
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
+  const int r = m_block * kBlockM + row0 + warp * 16 + lane / 4;
+  __nv_bfloat16* out = prm.out + (int64_t)b * prm.o_sb + (int64_t)h * prm.o_sh + 2 * (lane & 3);
+  if (r < prm.lq) {
+    __nv_bfloat16* row = out + (int64_t)r * prm.o_sl;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      *reinterpret_cast<uint32_t*>(row + 8 * i) = pack_bf16(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+  }
+  if (r + 8 < prm.lq) {
+    __nv_bfloat16* row = out + (int64_t)(r + 8) * prm.o_sl;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      *reinterpret_cast<uint32_t*>(row + 8 * i) =
+          pack_bf16(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                  const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_fn() {
+  static EncodeTiledFn fn = nullptr;
+  if (fn == nullptr) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &status) == cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(ptr);
+  }
+  return fn;
+}
+
+// [B, L, H, 128] bf16 with strides in elements (last dim contiguous); box = 64 columns x rows.
+int make_map(CUtensorMap* map, const void* ptr, int64_t batch, int64_t len, int64_t heads,
+             int64_t sb, int64_t sl, int64_t sh, uint32_t rows) {
+  EncodeTiledFn encode = encode_fn();
+  if (encode == nullptr) return 2;
+  cuuint64_t dims[4] = {(cuuint64_t)kHeadDim, (cuuint64_t)heads, (cuuint64_t)len, (cuuint64_t)batch};
+  cuuint64_t strides[3] = {(cuuint64_t)sh * 2, (cuuint64_t)sl * 2, (cuuint64_t)sb * 2};
+  cuuint32_t box[4] = {64, 1, rows, 1};
+  cuuint32_t elem[4] = {1, 1, 1, 1};
+  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(ptr), dims,
+                      strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : 3;
+}
+
+}  // namespace
+
+// Returns 0 on success; 1 bad arguments, 2 no cuTensorMapEncodeTiled, 3 tensor-map encoding
+// failed (alignment), 4 launch error. Strides are in elements; q/k/v/out last dim contiguous.
+extern "C" int s2v_flash_attention_sm90(const void* q, const void* k, const void* v, void* out,
+                                        int batch, int lq, int lk, int heads,
+                                        const long long* strides /* q,k,v,o x (b,l,h) */,
+                                        float scale, void* stream) {
+  if (batch <= 0 || lq <= 0 || lk <= 0 || heads <= 0) return 1;
+  for (int i = 0; i < 9; ++i)
+    if ((strides[i] * 2) % 16 != 0) return 1;
+  CUtensorMap qm, km, vm;
+  int err = make_map(&qm, q, batch, lq, heads, strides[0], strides[1], strides[2], kBlockM);
+  if (!err) err = make_map(&km, k, batch, lk, heads, strides[3], strides[4], strides[5], kBlockN);
+  if (!err) err = make_map(&vm, v, batch, lk, heads, strides[6], strides[7], strides[8], kBlockN);
+  if (err) return err;
+  Params prm;
+  prm.out = static_cast<__nv_bfloat16*>(out);
+  prm.o_sb = strides[9];
+  prm.o_sl = strides[10];
+  prm.o_sh = strides[11];
+  prm.lq = lq;
+  prm.lk = lk;
+  prm.heads = heads;
+  prm.scale_log2 = scale * 1.4426950408889634f;
+  static bool attr_set = false;
+  if (!attr_set) {
+    if (cudaFuncSetAttribute(flash_fwd_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSmemBytes) != cudaSuccess)
+      return 4;
+    attr_set = true;
+  }
+  dim3 grid((lq + kBlockM - 1) / kBlockM, heads, batch);
+  flash_fwd_sm90<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(qm, km, vm, prm);
+  return cudaGetLastError() == cudaSuccess ? 0 : 4;
+}
