@@ -1,6 +1,7 @@
 """Every tuning entry of our two attention kernels, timed one by one (not just the tuner's winner).
 
-For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16) and
+For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16),
+``cuda_attention.CUDA_CONFIGS`` (bf16, CUDA C++; when nvcc and an sm_90 GPU are there) and
 ``fp8_attention.FP8_CONFIGS`` (fp8 e4m3, P.V in fp8), one self-attention over [1, L, 40, 128]
 (the 14B's heads), next to cuDNN SDPA on the same inputs:
 
@@ -12,7 +13,7 @@ For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16) 
   reports its accuracy against fp32 attention (every 64th query row).
 
 CUDA-event medians after warm-up (``results_io.time_ms``). Writes ``attention_configs-*.json``.
-Usage: python3 bench/bench_attention_configs.py [--sizes 32760 79200] [--only bf16|fp8] [--smoke]
+Usage: python3 bench/bench_attention_configs.py [--sizes 32760 79200] [--only bf16|cuda|fp8] [--smoke]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import time_ms, write_results  # noqa: E402
 
 from s2v_fast.kernels import attention as attn_registry  # noqa: E402
+from s2v_fast.kernels import cuda_attention as ca  # noqa: E402
 from s2v_fast.kernels import flash_attention as fa  # noqa: E402
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 
@@ -65,7 +67,7 @@ def sweep_bf16(L, args, dev):
         rows.append(_row(f"attention_cudnn_{L}", L, backend="cudnn", median_ms=ms,
                          TFLOPs=_flops(L, L) / ms / 1e9))
     out = torch.empty_like(q)
-    for i, cfg in enumerate(fa.FLASH_CONFIGS):
+    for i, cfg in enumerate(fa.FLASH_CONFIGS if args.only != "cuda" else []):
         row = _row(f"attention_triton_cfg{i}_{L}", L, backend="triton", config_index=i, config=repr(cfg))
         try:
             fa.triton_attention(q, k, v, out=out, config=cfg)
@@ -78,6 +80,18 @@ def sweep_bf16(L, args, dev):
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(row, flush=True)
+    if dev == "cuda" and ca.unavailable_reason() is None:
+        for i, cfg in enumerate(ca.CUDA_CONFIGS):
+            row = _row(f"attention_cuda_cfg{i}_{L}", L, backend="cuda", config_index=i, config=repr(cfg))
+            try:
+                got = ca.cuda_attention(q, k, v, config=cfg)
+                row["max_abs_diff_vs_reference"] = (got.float() - ref.float()).abs().max().item()
+                ms = _time(lambda: ca.cuda_attention(q, k, v, config=cfg), args)
+                row.update(median_ms=ms, TFLOPs=_flops(L, L) / ms / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -116,7 +130,8 @@ def sweep_fp8(L, args, dev):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[32760, 79200])
-    ap.add_argument("--only", choices=("bf16", "fp8"), default=None)
+    ap.add_argument("--only", choices=("bf16", "cuda", "fp8"), default=None,
+                    help="bf16: Triton + CUDA entries; cuda: the CUDA entries only (with cuDNN)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on a tiny shape (no JSON)")
@@ -134,7 +149,7 @@ def main(argv=None):
     rows = []
     for L in args.sizes:
         try:
-            if args.only in (None, "bf16"):
+            if args.only in (None, "bf16", "cuda"):
                 rows += sweep_bf16(L, args, dev)
             if args.only in (None, "fp8"):
                 rows += sweep_fp8(L, args, dev)

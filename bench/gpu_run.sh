@@ -43,6 +43,7 @@ stage() {
     gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
     gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
     gpucuda) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda_attention.py ;;
+    attncfgcuda) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only cuda --topic attention_configs_cuda ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac

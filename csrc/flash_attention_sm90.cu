@@ -22,16 +22,28 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#pragma nv_diag_suppress 177  // the wgmma wrapper of the other BLOCK_N variant is unused
+
 namespace {
 
 constexpr int kHeadDim = 128;
 constexpr int kBlockM = 128;  // query rows per CTA (two consumer warpgroups x 64)
-constexpr int kBlockN = 128;  // keys per tile
+#ifndef S2V_FA_BLOCK_N
+#define S2V_FA_BLOCK_N 128
+#endif
+#ifndef S2V_FA_PINGPONG
+#define S2V_FA_PINGPONG 1
+#endif
+constexpr int kBlockN = S2V_FA_BLOCK_N;  // keys per tile (128 or 176)
 constexpr int kStages = 2;
-constexpr int kHalfBytes = 128 * 128;                 // one 64-column half: 128 rows x 128 B
-constexpr int kTileBytes = kBlockN * kHeadDim * 2;    // 32 KB (Q, K or V tile)
-constexpr int kThreads = 384;                         // producer + 2 consumer warpgroups
-constexpr int kSmemBytes = kTileBytes * (1 + 2 * kStages) + 1024 /*align*/ + 256 /*barriers*/;
+constexpr int kQHalfBytes = kBlockM * 128;           // one 64-column half of Q: rows x 128 B
+constexpr int kKVHalfBytes = kBlockN * 128;          // one 64-column half of a K or V tile
+constexpr int kQBytes = 2 * kQHalfBytes;
+constexpr int kKVBytes = 2 * kKVHalfBytes;
+constexpr int kThreads = 384;                        // producer + 2 consumer warpgroups
+constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /*align*/ + 256 /*barriers*/;
+constexpr int kS = kBlockN / 2;                      // score registers per thread
+static_assert(kKVHalfBytes % 1024 == 0, "swizzle atoms need 1024-byte aligned tiles");
 
 // ---------------------------------------------------------------- PTX wrappers
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -93,18 +105,33 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 // Ties the accumulator registers to the preceding wait so no read moves above it.
-__device__ __forceinline__ void reg_fence(float (&r)[64]) {
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(r[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// D[64x128] (+)= A[64x16] * B[16x128]; A and B from shared memory (descriptors), both K-major.
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                    int accumulate) {
+// D[64xN] (+)= A[64x16] * B[16xN]; A and B from shared memory (descriptors), both K-major.
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                         int accumulate);
+template <>
+__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                             int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss<176>(float (&d)[88], uint64_t desc_a, uint64_t desc_b,
+                                             int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
@@ -136,12 +163,12 @@ struct Params {
 // columns 8i + 2(t%4) + {0,1}. Overwrites s with exp2(s*scale - m) and returns the rescale factor
 // of the running output in alpha.
 template <bool kMaskTail>
-__device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], float (&l)[2],
+__device__ __forceinline__ void softmax_step(float (&s)[kS], float (&m)[2], float (&l)[2],
                                              float (&alpha)[2], int valid_cols, float scale_log2) {
   const int lane = threadIdx.x & 31;
   if (kMaskTail) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < kBlockN / 8; ++i) {
       const int col = 8 * i + 2 * (lane & 3);
       if (col >= valid_cols) { s[4 * i] = -INFINITY; s[4 * i + 2] = -INFINITY; }
       if (col + 1 >= valid_cols) { s[4 * i + 1] = -INFINITY; s[4 * i + 3] = -INFINITY; }
@@ -149,7 +176,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], floa
   }
   float mx0 = m[0], mx1 = m[1];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < kBlockN / 8; ++i) {
     mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
     mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
   }
@@ -164,7 +191,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], floa
   const float ms0 = mx0 * scale_log2, ms1 = mx1 * scale_log2;
   float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < kBlockN / 8; ++i) {
     s[4 * i] = exp2f(fmaf(s[4 * i], scale_log2, -ms0));
     s[4 * i + 1] = exp2f(fmaf(s[4 * i + 1], scale_log2, -ms0));
     s[4 * i + 2] = exp2f(fmaf(s[4 * i + 2], scale_log2, -ms1));
@@ -178,9 +205,9 @@ __device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], floa
 
 // The accumulator fragment of S is, two columns at a time, the A-operand fragment of P.V
 // (k-step kk covers keys 16kk..16kk+15): no shuffles.
-__device__ __forceinline__ void scores_to_p(const float (&s)[64], uint32_t (&p)[8][4]) {
+__device__ __forceinline__ void scores_to_p(const float (&s)[kS], uint32_t (&p)[kBlockN / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
     p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
     p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
     p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
@@ -195,9 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t q_smem = base;
-  const uint32_t k_smem = base + kTileBytes;                 // + stage * kTileBytes
-  const uint32_t v_smem = base + kTileBytes * (1 + kStages);
-  const uint32_t bars = base + kTileBytes * (1 + 2 * kStages);
+  const uint32_t k_smem = base + kQBytes;                    // + stage * kKVBytes
+  const uint32_t v_smem = k_smem + kStages * kKVBytes;
+  const uint32_t bars = v_smem + kStages * kKVBytes;
   const uint32_t bar_q = bars;
   auto bar_k_full = [&](int s) { return bars + 8 * (1 + s); };
   auto bar_v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
@@ -223,20 +250,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {  // ------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (threadIdx.x == 0) {
-      mbar_expect_tx(bar_q, kTileBytes);
+      mbar_expect_tx(bar_q, kQBytes);
       tma_load(q_smem, &q_map, bar_q, 0, h, m_block * kBlockM, b);
-      tma_load(q_smem + kHalfBytes, &q_map, bar_q, 64, h, m_block * kBlockM, b);
+      tma_load(q_smem + kQHalfBytes, &q_map, bar_q, 64, h, m_block * kBlockM, b);
       for (int j = 0; j < n_tiles; ++j) {
         const int s = j % kStages;
         const uint32_t phase = (j / kStages) & 1;
         mbar_wait(bar_k_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_k_full(s), kTileBytes);
-        tma_load(k_smem + s * kTileBytes, &k_map, bar_k_full(s), 0, h, j * kBlockN, b);
-        tma_load(k_smem + s * kTileBytes + kHalfBytes, &k_map, bar_k_full(s), 64, h, j * kBlockN, b);
+        mbar_expect_tx(bar_k_full(s), kKVBytes);
+        tma_load(k_smem + s * kKVBytes, &k_map, bar_k_full(s), 0, h, j * kBlockN, b);
+        tma_load(k_smem + s * kKVBytes + kKVHalfBytes, &k_map, bar_k_full(s), 64, h, j * kBlockN, b);
         mbar_wait(bar_v_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_v_full(s), kTileBytes);
-        tma_load(v_smem + s * kTileBytes, &v_map, bar_v_full(s), 0, h, j * kBlockN, b);
-        tma_load(v_smem + s * kTileBytes + kHalfBytes, &v_map, bar_v_full(s), 64, h, j * kBlockN, b);
+        mbar_expect_tx(bar_v_full(s), kKVBytes);
+        tma_load(v_smem + s * kKVBytes, &v_map, bar_v_full(s), 0, h, j * kBlockN, b);
+        tma_load(v_smem + s * kKVBytes + kKVHalfBytes, &v_map, bar_v_full(s), 64, h, j * kBlockN, b);
       }
     }
     return;
@@ -250,33 +277,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
-  float s[64];
-  uint32_t p[8][4];
+  float s[kS];
+  uint32_t p[kBlockN / 16][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
 
   auto issue_qk = [&](int stage) {
-    const uint32_t kb = k_smem + stage * kTileBytes;
+    const uint32_t kb = k_smem + stage * kKVBytes;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const uint32_t off = (kk / 4) * kHalfBytes + (kk % 4) * 32;
-      wgmma_m64n128k16_ss(s, gmma_desc(q_smem + row0 * 128 + off, 16, 1024),
-                          gmma_desc(kb + off, 16, 1024), kk > 0);
+    for (int kk = 0; kk < 8; ++kk) {  // head dim in steps of 16: 4 per 64-column half
+      const uint32_t off = (kk % 4) * 32;
+      wgmma_ss<kBlockN>(s, gmma_desc(q_smem + (kk / 4) * kQHalfBytes + row0 * 128 + off, 16, 1024),
+                        gmma_desc(kb + (kk / 4) * kKVHalfBytes + off, 16, 1024), kk > 0);
     }
     wgmma_commit();
   };
   auto issue_pv = [&](int stage) {
-    const uint32_t vb = v_smem + stage * kTileBytes;
+    const uint32_t vb = v_smem + stage * kKVBytes;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-      wgmma_m64n128k16_rs_tb(o, p[kk], gmma_desc(vb + kk * 16 * 128, kHalfBytes, 1024));
+    for (int kk = 0; kk < kBlockN / 16; ++kk)  // keys in steps of 16
+      wgmma_m64n128k16_rs_tb(o, p[kk], gmma_desc(vb + kk * 16 * 128, kKVHalfBytes, 1024));
     wgmma_commit();
   };
 
+  // Ping-pong (FA3): the two consumer warpgroups take turns issuing their GEMMs (named barriers
+  // 1 and 2), so one's softmax runs while the other's GEMMs hold the tensor cores.
+  auto take_turn = [&]() {
+    if (S2V_FA_PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(warpgroup) : "memory");
+  };
+  auto pass_turn = [&](bool last) {
+    if (S2V_FA_PINGPONG && !(last && warpgroup == 2))
+      asm volatile("bar.arrive %0, 256;" ::"r"(3 - warpgroup) : "memory");
+  };
+  if (S2V_FA_PINGPONG && warpgroup == 2) asm volatile("bar.arrive 1, 256;" ::: "memory");
+
   mbar_wait(bar_q, 0);
   mbar_wait(bar_k_full(0), 0);
+  take_turn();
   issue_qk(0);
+  pass_turn(false);
   wgmma_wait<0>();
   reg_fence(s);
   mbar_arrive(bar_k_empty(0));
@@ -289,9 +329,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int j = 1; j < n_tiles; ++j) {
     const int sk = j % kStages, sv = (j - 1) % kStages;
     mbar_wait(bar_k_full(sk), (j / kStages) & 1);
-    issue_qk(sk);
     mbar_wait(bar_v_full(sv), ((j - 1) / kStages) & 1);
+    take_turn();
+    issue_qk(sk);
     issue_pv(sv);
+    pass_turn(false);
     wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
     reg_fence(s);
     mbar_arrive(bar_k_empty(sk));
@@ -314,7 +356,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   {
     const int sv = (n_tiles - 1) % kStages;
     mbar_wait(bar_v_full(sv), ((n_tiles - 1) / kStages) & 1);
+    take_turn();
     issue_pv(sv);
+    pass_turn(true);
     wgmma_wait<0>();
     reg_fence(o);
     mbar_arrive(bar_v_empty(sv));

@@ -155,3 +155,12 @@ def test_build_caches_and_reports_nvcc_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="nvcc failed .*expected a declaration"):
         ca.build()
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]
+
+
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("idx", range(len(ca.CUDA_CONFIGS)))
+def test_every_config(idx):
+    q, k, v = make(2, 390, 401, 2, seed=idx)
+    out = ca.cuda_attention(q, k, v, config=ca.CUDA_CONFIGS[idx])
+    assert (out.double() - attention_reference(q, k, v).double()).abs().max().item() <= TOL

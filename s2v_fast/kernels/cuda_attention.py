@@ -29,11 +29,20 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "flash_attention_sm90.cu
 NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-use_fast_math",
               "-shared", "-Xcompiler", "-fPIC")
 HEAD_DIM = 128
+# Compile-time variants (-D flags): keys per tile, and FA3 ping-pong between the two consumer
+# warpgroups. Entry 0 is what the backend runs; the others are kept for the per-config benchmark
+# (bench/bench_attention_configs.py) and the GPU tests.
+CUDA_CONFIGS = [
+    dict(BLOCK_N=128, PINGPONG=1),
+    dict(BLOCK_N=176, PINGPONG=1),
+    dict(BLOCK_N=128, PINGPONG=0),
+    dict(BLOCK_N=176, PINGPONG=0),
+]
 _ERRORS = {1: "bad arguments (sizes or strides not multiples of 8 elements)",
            2: "the driver has no cuTensorMapEncodeTiled", 3: "tensor-map encoding failed",
            4: "kernel launch failed"}
 
-_lib = None
+_libs: dict = {}
 _lock = threading.Lock()
 
 
@@ -74,21 +83,27 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("S2V_CACHE_DIR", Path.home() / ".cache" / "s2v_fast"))
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernel library (once per source/flags/nvcc version) and return its path."""
+def _defines(config: dict) -> list:
+    return [f"-DS2V_FA_{name}={int(value)}" for name, value in sorted(config.items())]
+
+
+def build(config: Optional[dict] = None, verbose: bool = False) -> Path:
+    """Compile the kernel library for ``config`` (default CUDA_CONFIGS[0]) once per source, flags
+    and nvcc version, and return its path."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError(unavailable_reason() or "nvcc not found")
+    flags = [*NVCC_FLAGS, *_defines(config or CUDA_CONFIGS[0])]
     src = source_path().read_bytes()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src + " ".join(NVCC_FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"flash_attention_sm90-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [nvcc, *NVCC_FLAGS, str(source_path()), "-o", tmp]
+    cmd = [nvcc, *flags, str(source_path()), "-o", tmp]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
@@ -99,17 +114,16 @@ def build(verbose: bool = False) -> Path:
     return lib
 
 
-def _load():
-    global _lib
+def _load(config: dict):
+    key = tuple(sorted(config.items()))
     with _lock:
-        if _lib is None:
-            lib = ctypes.CDLL(str(build()))
-            fn = lib.s2v_flash_attention_sm90
+        if key not in _libs:
+            fn = ctypes.CDLL(str(build(config))).s2v_flash_attention_sm90
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [
                 ctypes.POINTER(ctypes.c_longlong), ctypes.c_float, ctypes.c_void_p]
             fn.restype = ctypes.c_int
-            _lib = fn
-    return _lib
+            _libs[key] = fn
+    return _libs[key]
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -128,10 +142,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   softmax_scale: Optional[float] = None) -> torch.Tensor:
+                   softmax_scale: Optional[float] = None, *, config: Optional[dict] = None) -> torch.Tensor:
     """q [B, Lq, H, 128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> [B, Lq, H, 128] bf16.
 
-    Other inputs are computed by cuDNN SDPA (same contract)."""
+    Other inputs are computed by cuDNN SDPA (same contract). ``config``: a CUDA_CONFIGS entry."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -139,7 +153,7 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .attention import _BACKENDS
 
         return _BACKENDS["cudnn"](q, k, v) if softmax_scale is None else _sdpa_scaled(q, k, v, scale)
-    fn = _load()
+    fn = _load(config or CUDA_CONFIGS[0])
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with torch.cuda.device(q.device):
