@@ -39,6 +39,8 @@ stage() {
     gpuflash) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py ;;
     attncfgfp8) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only fp8 --topic attention_configs_fp8 ;;
     dittriton) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend triton --topic dit_attn_triton ;;
+    ditauto) python3 bench/bench_dit.py --sizes 448x832 --modes fast --topic dit_attn_auto ;;
+    ditauto704) python3 bench/bench_dit.py --sizes 704x1280 --modes fast --warmup 0 --iters 2 --topic dit704_attn_auto ;;
     ditcudnn) python3 bench/bench_dit.py --sizes 448x832 --modes fast --attention-backend cudnn --topic dit_attn_cudnn ;;
     gpupipe) python3 -m pytest -q -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_offload.py ;;
     gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;

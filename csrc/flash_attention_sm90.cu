@@ -29,10 +29,10 @@ namespace {
 constexpr int kHeadDim = 128;
 constexpr int kBlockM = 128;  // query rows per CTA (two consumer warpgroups x 64)
 #ifndef S2V_FA_BLOCK_N
-#define S2V_FA_BLOCK_N 128
+#define S2V_FA_BLOCK_N 176
 #endif
 #ifndef S2V_FA_PINGPONG
-#define S2V_FA_PINGPONG 1
+#define S2V_FA_PINGPONG 0
 #endif
 constexpr int kBlockN = S2V_FA_BLOCK_N;  // keys per tile (128 or 176)
 constexpr int kStages = 2;
