@@ -108,7 +108,7 @@ def sweep_fp8(L, args, dev):
     qms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8"), args)
     rows, first = [], None
     out = torch.empty_like(q)
-    for i, cfg in enumerate(fa8.FP8_CONFIGS):
+    for i, cfg in enumerate(fa8.FP8_CONFIGS if args.only != "cuda" else []):
         row = _row(f"attention_fp8_cfg{i}_{L}", L, backend="fp8", pv="fp8", config_index=i,
                    config=repr(cfg), quant_ms=qms)
         try:
@@ -124,6 +124,24 @@ def sweep_fp8(L, args, dev):
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(row, flush=True)
+    if dev == "cuda" and ca.unavailable_reason() is None:
+        qzp = fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True)
+        pms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True), args)
+        for i, cfg in enumerate(ca.FP8_CONFIGS):
+            row = _row(f"attention_cuda_fp8_cfg{i}_{L}", L, backend="cuda_fp8", pv="fp8",
+                       config_index=i, config=repr(cfg), quant_ms=pms)
+            try:
+                got = ca.cuda_fp8_attention(q, k, v, config=cfg, quantized=qzp)
+                row.update({f"{k_}_vs_fp32": v_ for k_, v_ in _accuracy_vs_fp32(got, q, k, v).items()})
+                if first is not None:
+                    row["max_abs_diff_vs_triton_fp8"] = (got.float() - first.float()).abs().max().item()
+                kms = _time(lambda: ca.cuda_fp8_attention(q, k, v, config=cfg, quantized=qzp), args)
+                row.update(kernel_ms=kms, kernel_TFLOPs=_flops(L, L) / kms / 1e9, median_ms=kms + pms,
+                           TFLOPs=_flops(L, L) / (kms + pms) / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -131,7 +149,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[32760, 79200])
     ap.add_argument("--only", choices=("bf16", "cuda", "fp8"), default=None,
-                    help="bf16: Triton + CUDA entries; cuda: the CUDA entries only (with cuDNN)")
+                    help="bf16: Triton + CUDA bf16 entries; fp8: Triton + CUDA fp8 entries; cuda: the CUDA "
+                         "entries only (with cuDNN)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on a tiny shape (no JSON)")
@@ -151,7 +170,7 @@ def main(argv=None):
         try:
             if args.only in (None, "bf16", "cuda"):
                 rows += sweep_bf16(L, args, dev)
-            if args.only in (None, "fp8"):
+            if args.only in (None, "fp8", "cuda"):
                 rows += sweep_fp8(L, args, dev)
         except Exception:
             traceback.print_exc()

@@ -118,9 +118,10 @@ def test_missing_nvcc_named(monkeypatch):
     assert "Hopper" in ca.unavailable_reason()
 
 
-def test_source_is_shipped():
-    text = ca.source_path().read_text()
-    assert 'extern "C" int s2v_flash_attention_sm90' in text and "wgmma.mma_async" in text
+def test_sources_are_shipped():
+    for name, (_, symbol, _) in ca.KERNELS.items():
+        text = ca.source_path(name).read_text()
+        assert f'extern "C" int {symbol}' in text and "wgmma.mma_async" in text
 
 
 def _fake_nvcc(tmp_path, script):
@@ -147,7 +148,7 @@ def test_build_caches_and_reports_nvcc_errors(tmp_path, monkeypatch):
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / ca.SOURCE.name).write_text("broken")
+    (bad / ca.KERNELS["bf16"][0]).write_text("broken")
     monkeypatch.setenv("S2V_CSRC_DIR", str(bad))
     os.unlink(tmp_path / "cuda" / "bin" / "nvcc")
     _fake_nvcc(tmp_path, 'if [ "$1" = "--version" ]; then echo fake 1.0; exit 0; fi\n'
@@ -164,3 +165,84 @@ def test_every_config(idx):
     q, k, v = make(2, 390, 401, 2, seed=idx)
     out = ca.cuda_attention(q, k, v, config=ca.CUDA_CONFIGS[idx])
     assert (out.double() - attention_reference(q, k, v).double()).abs().max().item() <= TOL
+
+
+# --------------------------------------------------------------------- FP8 kernel
+from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
+from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
+
+
+def test_perm32_layout_is_a_permutation_within_groups():
+    n = torch.arange(96)
+    rows = fa8.perm32_rows(n)
+    assert sorted(rows.tolist()) == n.tolist() and torch.equal(rows // 32, n // 32)
+    # the fragment rule the CUDA kernel relies on: key 16h + 4t + 2c + b at row 16h + 8c + 2t + b
+    for h in (0, 1):
+        for t in range(4):
+            for c in (0, 1):
+                for b in (0, 1):
+                    assert rows[16 * h + 4 * t + 2 * c + b] == 16 * h + 8 * c + 2 * t + b
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
+@pytest.mark.parametrize("Lk", [64, 77])
+def test_permuted_k_quantisation_kernel_matches_torch(Lk):
+    q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, Lk, seed=Lk)
+    got = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=True, k_perm32=True)
+    exp = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False, k_perm32=True)
+    plain = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False)
+    lkp = -(-Lk // 32) * 32
+    assert got["Lkp"] == exp["Lkp"] == lkp and got["k8"].shape == (2, lkp, 64)
+    assert torch.equal(got["k8"].view(torch.uint8), exp["k8"].view(torch.uint8))
+    assert torch.equal(got["ks"], exp["ks"])
+    rows = fa8.perm32_rows(torch.arange(Lk))
+    assert torch.equal(got["k8"].view(torch.uint8)[:, rows], plain["k8"].view(torch.uint8))
+    assert torch.equal(got["ks"][:, rows], plain["ks"])
+    unused = torch.ones(lkp, dtype=torch.bool)
+    unused[rows] = False
+    assert torch.all(got["ks"][:, unused] == 0) and torch.all(got["k8"].view(torch.uint8)[:, unused] == 0)
+
+
+FP8_CASES = [(1, 4096, 4096, 2), (2, 1000, 1000, 2), (1, 300, 77, 2), (1, 129, 4133, 1)]
+
+
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Lq,Lk,H", FP8_CASES)
+def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H):
+    """Same quantisation as the Triton fp8 kernel and the torch emulation: they differ only by
+    exp2 approximation, P's e4m3 rounding of those values and accumulation order (measured on the
+    Triton kernel: ~bf16 output rounding). Bound as test_fp8.test_gpu_fp8_attention: rel L2 1e-2."""
+    q, k, v = fa8.make_realistic_qkv(B, Lq, H, 128, Lk, seed=Lq + Lk, device="cuda")
+    got = ca.cuda_fp8_attention(q, k, v)
+    emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32)
+    acc = fg.accuracy(got, emu)
+    assert acc["rel_l2"] <= 1e-2 and acc["cosine"] >= 0.9999, acc
+    tri = fa8.fp8_attention(q, k, v, pv="fp8")
+    assert fg.accuracy(got, tri)["rel_l2"] <= 1e-2
+    ref = fg.accuracy(got, fa8.attention_fp32(q, k, v))
+    assert ref["cosine"] >= 0.999 and ref["rel_l2"] <= 0.05, ref  # bounds of test_gpu_fp8_attention
+
+
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("idx", range(len(ca.FP8_CONFIGS)))
+def test_fp8_every_config(idx):
+    q, k, v = fa8.make_realistic_qkv(1, 1000, 4, 128, 1500, seed=idx, device="cuda")
+    got = ca.cuda_fp8_attention(q, k, v, config=ca.FP8_CONFIGS[idx])
+    emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32)
+    # PROMOTE=0 accumulates all tiles in the fp8 wgmma (about 14-bit accumulator): looser
+    assert fg.accuracy(got, emu)["rel_l2"] <= (1e-2 if ca.FP8_CONFIGS[idx]["PROMOTE"] else 3e-2)
+
+
+@needs_kernel
+@pytest.mark.gpu
+def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
+    q, k, v = fa8.make_realistic_qkv(1, 4096, 2, 128, seed=1, device="cuda")
+    assert fa8.cuda_fp8_usable(q, k, v)
+    with attn.attention_backend("fp8"):
+        out = attn.attention(q, k, v)
+    assert not fa8.FALLBACKS.get("cuda")
+    assert torch.equal(out, ca.cuda_fp8_attention(q, k, v))
+    monkeypatch.setenv("S2V_FP8_ATTN_IMPL", "triton")
+    assert not fa8.cuda_fp8_usable(q, k, v)

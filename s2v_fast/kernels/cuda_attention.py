@@ -1,11 +1,15 @@
-"""CUDA C++ flash-attention forward for Hopper (``csrc/flash_attention_sm90.cu``), backend ``cuda``.
+"""CUDA C++ attention kernels for Hopper: bf16 (``csrc/flash_attention_sm90.cu``, backend ``cuda``)
+and FP8 (``csrc/fp8_attention_sm90.cu``, used by the ``fp8`` backend when it can run).
 
 Same contract and numerics as ``flash_attention.triton_attention`` (q [B, Lq, H, D], k/v
 [B, Lk, H, D] -> [B, Lq, H, D]; fp32 scores and softmax, P rounded to bf16 before P.V), for bf16
 with head dim 128 on sm_90 (H100/H200). The kernel uses what Triton 3.6 does not give: a TMA
 producer warpgroup and two consumer warpgroups whose softmax overlaps their asynchronous wgmma.
 
-The source is compiled with ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``) on
+The FP8 kernel computes ``fp8_attention``'s numbers (its torch emulation is the reference) from
+``fp8_attention.quantize_qkv(..., k_perm32=True)``.
+
+The sources are compiled with ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``) on
 first use into ``$S2V_CACHE_DIR`` (default ``~/.cache/s2v_fast``), keyed by a hash of the source,
 the flags and the nvcc version, and loaded with ctypes (no torch extension build). Inputs the kernel
 does not cover (other dtypes or head dims, TMA-unaligned strides) go to cuDNN SDPA.
@@ -25,7 +29,15 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "flash_attention_sm90.cu"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# kernel -> (source file, exported function, ctypes argument types)
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_LL = ctypes.POINTER(ctypes.c_longlong)
+KERNELS = {
+    "bf16": ("flash_attention_sm90.cu", "s2v_flash_attention_sm90",
+             [_P] * 4 + [_I] * 4 + [_LL, _F, _P]),
+    "fp8": ("fp8_attention_sm90.cu", "s2v_fp8_attention_sm90", [_P] * 7 + [_I] * 6 + [_LL, _P]),
+}
 NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-use_fast_math",
               "-shared", "-Xcompiler", "-fPIC")
 HEAD_DIM = 128
@@ -40,6 +52,13 @@ CUDA_CONFIGS = [
     dict(BLOCK_N=128, PINGPONG=0),
     dict(BLOCK_N=128, PINGPONG=1),
 ]
+# FP8 kernel: shared-memory stages of the K/V ring; PROMOTE: each tile's P.V in fresh registers
+# added in fp32 (0: accumulated in the wgmma, less exact).
+FP8_CONFIGS = [
+    dict(STAGES=2, PROMOTE=1),
+    dict(STAGES=3, PROMOTE=1),
+    dict(STAGES=2, PROMOTE=0),
+]
 _ERRORS = {1: "bad arguments (sizes or strides not multiples of 8 elements)",
            2: "the driver has no cuTensorMapEncodeTiled", 3: "tensor-map encoding failed",
            4: "kernel launch failed"}
@@ -48,8 +67,8 @@ _libs: dict = {}
 _lock = threading.Lock()
 
 
-def source_path() -> Path:
-    return Path(os.environ.get("S2V_CSRC_DIR", SOURCE.parent)) / SOURCE.name
+def source_path(kernel: str = "bf16") -> Path:
+    return Path(os.environ.get("S2V_CSRC_DIR", CSRC)) / KERNELS[kernel][0]
 
 
 def find_nvcc() -> Optional[str]:
@@ -71,9 +90,9 @@ def unavailable_reason() -> Optional[str]:
     if torch.cuda.get_device_capability()[0] != 9:
         return ("attention backend 'cuda' is built for Hopper (sm_90: H100/H200) only; "
                 "use --attention-backend auto")
-    if not source_path().is_file():
-        return (f"attention backend 'cuda' needs {source_path()} (a source checkout of s2v_fast, "
-                "or S2V_CSRC_DIR pointing at its csrc/); use --attention-backend auto")
+    if not all(source_path(name).is_file() for name in KERNELS):
+        return (f"attention backend 'cuda' needs {source_path().parent}/*.cu (a source checkout of "
+                "s2v_fast, or S2V_CSRC_DIR pointing at its csrc/); use --attention-backend auto")
     if find_nvcc() is None:
         return ("attention backend 'cuda' needs nvcc (the CUDA toolkit) to build "
                 "csrc/flash_attention_sm90.cu: install it or set CUDA_HOME; or use "
@@ -85,47 +104,59 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("S2V_CACHE_DIR", Path.home() / ".cache" / "s2v_fast"))
 
 
-def _defines(config: dict) -> list:
-    return [f"-DS2V_FA_{name}={int(value)}" for name, value in sorted(config.items())]
+def _defines(kernel: str, config: dict) -> list:
+    prefix = "S2V_FA8_" if kernel == "fp8" else "S2V_FA_"
+    return [f"-D{prefix}{name}={int(value)}" for name, value in sorted(config.items())]
 
 
-def build(config: Optional[dict] = None, verbose: bool = False) -> Path:
-    """Compile the kernel library for ``config`` (default CUDA_CONFIGS[0]) once per source, flags
-    and nvcc version, and return its path."""
+def _default_config(kernel: str) -> dict:
+    return (FP8_CONFIGS if kernel == "fp8" else CUDA_CONFIGS)[0]
+
+
+def build(config: Optional[dict] = None, kernel: str = "bf16", verbose: bool = False) -> Path:
+    """Compile ``kernel``'s library for ``config`` (default: its first config) once per source
+    (with the shared header), flags and nvcc version, and return its path."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError(unavailable_reason() or "nvcc not found")
-    flags = [*NVCC_FLAGS, *_defines(config or CUDA_CONFIGS[0])]
-    src = source_path().read_bytes()
+    flags = [*NVCC_FLAGS, *_defines(kernel, config or _default_config(kernel))]
+    src = source_path(kernel)
+    header = src.parent / "sm90_common.cuh"
+    src_bytes = src.read_bytes() + (header.read_bytes() if header.is_file() else b"")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"flash_attention_sm90-{key}.so"
+    key = hashlib.sha256(src_bytes + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"{src.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [nvcc, *flags, str(source_path()), "-o", tmp]
+    cmd = [nvcc, *flags, str(src), "-o", tmp]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"nvcc failed to build {source_path().name}: {res.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"nvcc failed to build {src.name}: {res.stderr.strip()[-2000:]}")
     if verbose:
         print(res.stderr)
     os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written library
     return lib
 
 
-def _load(config: dict):
-    key = tuple(sorted(config.items()))
+def _load(kernel: str, config: dict):
+    key = (kernel,) + tuple(sorted(config.items()))
     with _lock:
         if key not in _libs:
-            fn = ctypes.CDLL(str(build(config))).s2v_flash_attention_sm90
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [
-                ctypes.POINTER(ctypes.c_longlong), ctypes.c_float, ctypes.c_void_p]
+            _, symbol, argtypes = KERNELS[kernel]
+            fn = getattr(ctypes.CDLL(str(build(config, kernel))), symbol)
+            fn.argtypes = argtypes
             fn.restype = ctypes.c_int
             _libs[key] = fn
     return _libs[key]
+
+
+def _check(err: int, what: str) -> None:
+    if err:
+        raise RuntimeError(f"{what}: {_ERRORS.get(err, f'error {err}')}")
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -155,15 +186,48 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .attention import _BACKENDS
 
         return _BACKENDS["cudnn"](q, k, v) if softmax_scale is None else _sdpa_scaled(q, k, v, scale)
-    fn = _load(config or CUDA_CONFIGS[0])
+    fn = _load("bf16", config or CUDA_CONFIGS[0])
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         err = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Lq, Lk, H, strides,
                  scale, ctypes.c_void_p(stream))
-    if err:
-        raise RuntimeError(f"cuda flash attention: {_ERRORS.get(err, f'error {err}')}")
+    _check(err, "cuda flash attention")
+    return out
+
+
+def fp8_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Inputs the FP8 kernel covers: as :func:`supports` (its output is bf16, head dim 128)."""
+    return supports(q, k, v)
+
+
+def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       softmax_scale: Optional[float] = None, *, config: Optional[dict] = None,
+                       quantized: Optional[dict] = None) -> torch.Tensor:
+    """FP8 attention (``fp8_attention``'s numerics, P.V in fp8) with the CUDA kernel: q [B, Lq, H,
+    128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``quantized``: the output of
+    ``quantize_qkv(..., "fp8", k_perm32=True)`` (benchmarks timing the kernel alone)."""
+    from . import fp8_attention as fa8
+
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if not fp8_supports(q, k, v):
+        raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
+    qz = quantized if quantized is not None else fa8.quantize_qkv(q, k, v, scale, "fp8",
+                                                                  use_kernels=True, k_perm32=True)
+    if qz.get("Lkp", 0) % 32:
+        raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
+    fn = _load("fp8", config or FP8_CONFIGS[0])
+    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
+    strides = (ctypes.c_longlong * 3)(*out.stride()[:3])
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        err = fn(qz["q8"].data_ptr(), qz["qs"].data_ptr(), qz["k8"].data_ptr(), qz["ks"].data_ptr(),
+                 qz["vt"].data_ptr(), qz["vs"].data_ptr(), out.data_ptr(), B, H, Lq, Lk,
+                 qz["Lkp"], qz["Lp"], strides, ctypes.c_void_p(stream))
+    _check(err, "cuda fp8 attention")
     return out
 
 

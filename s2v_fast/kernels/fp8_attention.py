@@ -134,11 +134,13 @@ if triton is not None:
 
     @triton.jit
     def _quant_rows_hd_kernel(
-        X, Y, S, MEAN, L, H, sxb, sxl, sxh, post,
-        D: tl.constexpr, BLOCK_R: tl.constexpr, CENTER: tl.constexpr, INTERPRET: tl.constexpr,
+        X, Y, S, MEAN, L, LY, H, sxb, sxl, sxh, post,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, CENTER: tl.constexpr, PERM32: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         """Per-(token, head) e4m3 quantisation of X [B, L, H, D] (optionally minus MEAN [B*H, D])
-        -> Y [B*H, L, D] fp8 contiguous, S [B*H, L] = amax / 448 * post."""
+        -> Y [B*H, LY, D] fp8 contiguous, S [B*H, LY] = amax / 448 * post; PERM32: row i goes to
+        row :func:`perm32_rows` (i) (the CUDA kernel's K layout)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -155,11 +157,13 @@ if triton is not None:
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), 7.888609052210118e-31)
         inv = _rdiv(tl.full([BLOCK_R], 448.0, tl.float32), amax)
         y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
-        ybase = bh.to(tl.int64) * L * D
+        if PERM32:
+            rows64 = (rows64 & ~31) | (rows64 & 0x11) | ((rows64 & 0xC) >> 1) | ((rows64 & 0x2) << 2)
+        ybase = bh.to(tl.int64) * LY * D
         tl.store(Y + ybase + rows64[:, None] * D + offs_d[None, :], e4m3_round(y, INTERPRET),
                  mask=rmask[:, None])
         scale = _rdiv(amax, tl.full([BLOCK_R], 448.0, tl.float32)) * post
-        tl.store(S + bh.to(tl.int64) * L + rows64, scale, mask=rmask)
+        tl.store(S + bh.to(tl.int64) * LY + rows64, scale, mask=rmask)
 
     @triton.jit
     def _quant_v_kernel(
@@ -397,30 +401,53 @@ def _padded_len(L: int) -> int:
     return max(16, -(-L // 16) * 16)
 
 
-def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None) -> dict:
+def perm32_rows(n: torch.Tensor) -> torch.Tensor:
+    """Storage row of key ``n`` in the CUDA fp8 kernel's K layout: inside each group of 32 keys,
+    key 16h + 4t + 2c + b is stored at row 16h + 8c + 2t + b (csrc/fp8_attention_sm90.cu explains
+    why: its score fragment then is the P.V operand without shuffles)."""
+    return (n & ~31) | (n & 0x11) | ((n & 0xC) >> 1) | ((n & 0x2) << 2)
+
+
+def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None,
+                 k_perm32: bool = False) -> dict:
     """All quantisation work of one attention call (what the benchmark must include).
 
     Returns q8/k8 [B*H, L, D] e4m3, qs/ks [B*H, L] fp32, km [B, H, D]; for pv="fp8" also
-    vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32."""
+    vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32.
+    ``k_perm32`` (the CUDA kernel's layout): k8/ks hold Lkp = Lk padded to 32 rows, key n at row
+    :func:`perm32_rows` (n), zeros elsewhere; ``Lkp`` is in the result."""
     if use_kernels is None:
         use_kernels = kernels_usable(q, k, v)
     if use_kernels and not FALLBACKS.get("quantize"):
         try:
-            return _quantize_qkv_kernels(q, k, v, softmax_scale, pv)
+            return _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32)
         except Exception as e:  # a kernel that does not compile here: the torch path, same numbers
             FALLBACKS["quantize"] = f"{type(e).__name__}: {str(e)[:200]}"
             warnings.warn(f"fp8 attention quantisation kernels failed ({FALLBACKS['quantize']}); using torch")
-    return _quantize_qkv_torch(q, k, v, softmax_scale, pv)
+    return _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32)
 
 
-def _quantize_qkv_torch(q, k, v, softmax_scale, pv):
+def _k_rows(Lk: int, k_perm32: bool) -> int:
+    return -(-Lk // 32) * 32 if k_perm32 else Lk
+
+
+def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
     q8, qs = quantize_q_reference(q, softmax_scale)
     k8, ks, km = quantize_k_reference(k)
-    res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8.view(B * H, Lk, D),
-               ks=ks.reshape(B * H, Lk), km=km)
+    k8, ks = k8.view(B * H, Lk, D), ks.reshape(B * H, Lk)
+    if k_perm32:
+        Lkp = _k_rows(Lk, True)
+        rows = perm32_rows(torch.arange(Lk, device=dev))
+        k8p = torch.zeros((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
+        ksp = torch.zeros((B * H, Lkp), dtype=torch.float32, device=dev)
+        k8p.view(torch.uint8)[:, rows] = k8.view(torch.uint8)
+        ksp[:, rows] = ks
+        k8, ks = k8p, ksp
+    res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8, ks=ks, km=km,
+               Lkp=_k_rows(Lk, k_perm32))
     if pv == "fp8":
         v8, vs = quantize_v_reference(v)
         Lp = _padded_len(Lk)
@@ -430,7 +457,7 @@ def _quantize_qkv_torch(q, k, v, softmax_scale, pv):
     return res
 
 
-def _quantize_qkv_kernels(q, k, v, softmax_scale, pv):
+def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32=False):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -453,16 +480,21 @@ def _quantize_qkv_kernels(q, k, v, softmax_scale, pv):
     # 2. Q and K per (token, head)
     q8 = torch.empty((B * H, Lq, D), dtype=FP8_DTYPE, device=dev)
     qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
-    k8 = torch.empty((B * H, Lk, D), dtype=FP8_DTYPE, device=dev)
-    ks = torch.empty((B * H, Lk), dtype=torch.float32, device=dev)
+    Lkp = _k_rows(Lk, k_perm32)
+    k8 = torch.empty((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
+    ks = torch.empty((B * H, Lkp), dtype=torch.float32, device=dev)
+    if Lkp > Lk:  # the last group's rows that no key maps to
+        tail = Lk & ~31
+        k8.view(torch.uint8)[:, tail:].zero_()
+        ks[:, tail:].zero_()
     _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
-        q, q8, qs, qs, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
-        D=D, BLOCK_R=br, CENTER=False, INTERPRET=interp, num_warps=8)
+        q, q8, qs, qs, Lq, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
+        D=D, BLOCK_R=br, CENTER=False, PERM32=False, INTERPRET=interp, num_warps=8)
     kmc = km.reshape(B * H, D).contiguous()
     _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
-        k, k8, ks, kmc, Lk, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
-        D=D, BLOCK_R=br, CENTER=True, INTERPRET=interp, num_warps=8)
-    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km)
+        k, k8, ks, kmc, Lk, Lkp, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
+        D=D, BLOCK_R=br, CENTER=True, PERM32=k_perm32, INTERPRET=interp, num_warps=8)
+    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km, Lkp=Lkp)
     if pv == "fp8":
         vmax = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
         _col_stats_kernel[grid](v, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2), n_chunks,
@@ -602,16 +634,45 @@ def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, conf
     return out
 
 
+_CUDA_FP8: dict = {}
+
+
+def cuda_fp8_usable(q, k, v) -> bool:
+    """Does the ``fp8`` backend run these inputs with the CUDA kernel (csrc/fp8_attention_sm90.cu)?
+    Yes on sm_90 with nvcc, bf16 head dim 128, P.V in fp8, unless S2V_FP8_ATTN_IMPL=triton or the
+    CUDA kernel failed before (``FALLBACKS["cuda"]``)."""
+    if os.environ.get("S2V_FP8_ATTN_IMPL", "auto") == "triton" or FALLBACKS.get("cuda") \
+            or default_pv() != "fp8" or not q.is_cuda:
+        return False
+    if "ok" not in _CUDA_FP8:
+        from .cuda_attention import unavailable_reason
+
+        _CUDA_FP8["ok"] = unavailable_reason() is None
+    from .cuda_attention import fp8_supports
+
+    return _CUDA_FP8["ok"] and fp8_supports(q, k, v)
+
+
 def fp8_attention_backend(q, k, v):
     """The ``attention(q, k, v)`` contract (scale 1/sqrt(D)), FP8 where it pays: calls with fewer
     than ``FP8_MIN_KEYS`` keys (the DiT's text and audio cross-attention) take the bf16 ``auto``
     choice instead, since their K/V quantisation pass costs more than the fp8 MMAs save (H100,
-    32,760 x 512 keys: 234 TFLOP/s fp8 against 521 for cuDNN). If no kernel config compiles on
-    this GPU / triton, warn once and use bf16 SDPA (``FALLBACKS["attention"]`` records why)."""
+    32,760 x 512 keys: 234 TFLOP/s fp8 against 521 for cuDNN). On sm_90 with nvcc the CUDA kernel
+    runs (same numerics, faster; :func:`cuda_fp8_usable`), else the Triton kernel. If no Triton
+    config compiles on this GPU / triton, warn once and use bf16 SDPA (``FALLBACKS["attention"]``
+    records why)."""
     if k.shape[1] < FP8_MIN_KEYS:
         from .attention import _BACKENDS, resolve_auto
 
         return _BACKENDS[resolve_auto(q, k, v)](q, k, v)
+    if cuda_fp8_usable(q, k, v):
+        from .cuda_attention import cuda_fp8_attention
+
+        try:
+            return cuda_fp8_attention(q, k, v)
+        except RuntimeError as e:  # a build or launch failure: the Triton kernel from now on
+            FALLBACKS["cuda"] = str(e)[:400]
+            warnings.warn(f"cuda fp8 attention unavailable ({str(e)[:200]}); using the Triton kernel")
     if FALLBACKS.get("attention") and q.is_cuda:
         from .attention import sdpa_attention
 
