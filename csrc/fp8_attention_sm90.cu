@@ -21,6 +21,8 @@
 // 9+2t (and +16). Storing K's rows (and ks) permuted within each group of 32 -- storage row
 // n = 16h + 8c + 2t + b holds key 16h + 4t + 2c + b -- makes the score fragment the P operand
 // with no shuffles; V stays in key order.
+#include <type_traits>
+
 #include "sm90_common.cuh"
 
 namespace {
@@ -176,7 +178,10 @@ __global__ void __launch_bounds__(kThreads8, 1)
     wgmma_commit();
   };
   // scores of tile j (in s) -> p = exp2(s * ks * qs - m + log2 448) in place; updates m, l, alpha
-  auto softmax = [&](int stage, int valid) {
+  // kMask (a std::bool_constant): mask keys >= valid. Called as if/else on the two instances,
+  // like the bf16 kernel, so that each is its own basic block ahead of the P.V wait: in one block
+  // with it, ptxas sinks the exponentials below the wait and the overlap is lost (sm_90 SASS).
+  auto softmax = [&](auto kMask, int stage, int valid) {
     const float* ks = reinterpret_cast<const float*>(ks_generic + stage * 1024);
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
@@ -186,7 +191,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
       s[4 * i + 2] *= k2.x;
       s[4 * i + 3] *= k2.y;
     }
-    if (valid < kBN) {
+    if constexpr (decltype(kMask)::value) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const int n = 8 * i + 2 * quad;
@@ -257,7 +262,10 @@ __global__ void __launch_bounds__(kThreads8, 1)
   issue_qk(0);
   wgmma_wait<0>();
   reg_fence(s);
-  softmax(0, n_tiles == 1 ? tail_keys : kBN);
+  if (n_tiles == 1 && tail_keys < kBN)
+    softmax(std::true_type{}, 0, tail_keys);
+  else
+    softmax(std::false_type{}, 0, kBN);
   mbar_arrive(bar_k_empty(0));
   pack_p();
 
@@ -269,7 +277,10 @@ __global__ void __launch_bounds__(kThreads8, 1)
     issue_pv(sv);
     wgmma_wait<1>();
     reg_fence(s);
-    softmax(sk, j == n_tiles - 1 ? tail_keys : kBN);
+    if (j == n_tiles - 1 && tail_keys < kBN)
+      softmax(std::true_type{}, sk, tail_keys);
+    else
+      softmax(std::false_type{}, sk, kBN);
     mbar_arrive(bar_k_empty(sk));  // after the softmax: it read this stage's ks
     wgmma_wait<0>();
     if (S2V_FA8_PROMOTE) reg_fence(pv); else reg_fence(o);
