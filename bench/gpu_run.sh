@@ -46,6 +46,11 @@ stage() {
     gpuattn) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_flash_attention.py tests/test_fp8.py ;;
     gpucuda) python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda_attention.py ;;
     attncfgcuda) python3 bench/bench_attention_configs.py --warmup 3 --iters 10 --only cuda --topic attention_configs_cuda ;;
+    ncuattn) python3 -c "from s2v_fast.kernels import cuda_attention as c; c.build(); c.build(kernel='fp8')"
+             ncu --kernel-name regex:"flash_fwd_sm90|fp8_fwd_sm90" --launch-skip 1 --launch-count 2 \
+               --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+               --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
+               python3 bench/ncu_attention.py > "$OUT/ncu_attention.txt" 2>&1; tail -c 20000 "$OUT/ncu_attention.txt" ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
