@@ -33,6 +33,9 @@ namespace {
 #ifndef S2V_FA8_PROMOTE
 #define S2V_FA8_PROMOTE 1
 #endif
+#ifndef S2V_FA8_PINGPONG
+#define S2V_FA8_PINGPONG 0
+#endif
 constexpr int kD = 128;
 constexpr int kBM = 128;                 // query rows per CTA
 constexpr int kBN = 128;                 // keys per tile
@@ -200,12 +203,21 @@ __global__ void __launch_bounds__(kThreads8, 1)
         if (key1 >= valid) { s[4 * i + 1] = -INFINITY; s[4 * i + 3] = -INFINITY; }
       }
     }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    // Reductions as four independent chains per row: one serial chain of 32 dependent
+    // FMNMX/FADD per row was the latency that bounded this warp's issue rate.
+    float mxa[4], mxb[4];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
-      mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    for (int c = 0; c < 4; ++c) {
+      mxa[c] = fmaxf(s[4 * c], s[4 * c + 1]);
+      mxb[c] = fmaxf(s[4 * c + 2], s[4 * c + 3]);
     }
+#pragma unroll
+    for (int i = 4; i < 16; ++i) {
+      mxa[i % 4] = fmaxf(mxa[i % 4], fmaxf(s[4 * i], s[4 * i + 1]));
+      mxb[i % 4] = fmaxf(mxb[i % 4], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float mx0 = fmaxf(fmaxf(mxa[0], mxa[1]), fmaxf(mxa[2], mxa[3]));
+    float mx1 = fmaxf(fmaxf(mxb[0], mxb[1]), fmaxf(mxb[2], mxb[3]));
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
@@ -216,18 +228,18 @@ __global__ void __launch_bounds__(kThreads8, 1)
     m0 = mn0;
     m1 = mn1;
     const float sh0 = mn0 - kLog2Fp8Max, sh1 = mn1 - kLog2Fp8Max;
-    float sum0 = 0.f, sum1 = 0.f;
+    float suma[4] = {0.f, 0.f, 0.f, 0.f}, sumb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       s[4 * i] = exp2f(fmaf(s[4 * i], qs0, -sh0));
       s[4 * i + 1] = exp2f(fmaf(s[4 * i + 1], qs0, -sh0));
       s[4 * i + 2] = exp2f(fmaf(s[4 * i + 2], qs1, -sh1));
       s[4 * i + 3] = exp2f(fmaf(s[4 * i + 3], qs1, -sh1));
-      sum0 += s[4 * i] + s[4 * i + 1];
-      sum1 += s[4 * i + 2] + s[4 * i + 3];
+      suma[i % 4] += s[4 * i] + s[4 * i + 1];
+      sumb[i % 4] += s[4 * i + 2] + s[4 * i + 3];
     }
-    l0 = l0 * alpha0 + sum0;
-    l1 = l1 * alpha1 + sum1;
+    l0 = l0 * alpha0 + ((suma[0] + suma[1]) + (suma[2] + suma[3]));
+    l1 = l1 * alpha1 + ((sumb[0] + sumb[1]) + (sumb[2] + sumb[3]));
   };
   // the score fragment is the P.V A operand (K rows permuted, see kPermNote)
   auto pack_p = [&]() {
@@ -240,14 +252,18 @@ __global__ void __launch_bounds__(kThreads8, 1)
       p[kk][3] = pack_e4m3(s[c + 10], s[c + 11], s[c + 14], s[c + 15]);
     }
   };
-  auto rescale = [&]() {  // after P_{j-1}.V_{j-1} completed: o = (o + pv) * alpha_j
+  // After P_{j-1}.V_{j-1} completed. PROMOTE: o (on the max of tile j-2) moves to tile j-1's max
+  // and takes the tile's partial sum in one FMA, o = o * alpha_{j-1} + pv (pa holds alpha_{j-1});
+  // else the wgmma accumulated into o, which moves to tile j's max, o *= alpha_j.
+  float pa0 = 0.f, pa1 = 0.f;
+  auto rescale = [&]() {
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       if (S2V_FA8_PROMOTE) {
-        o[4 * i] = (o[4 * i] + pv[4 * i]) * alpha0;
-        o[4 * i + 1] = (o[4 * i + 1] + pv[4 * i + 1]) * alpha0;
-        o[4 * i + 2] = (o[4 * i + 2] + pv[4 * i + 2]) * alpha1;
-        o[4 * i + 3] = (o[4 * i + 3] + pv[4 * i + 3]) * alpha1;
+        o[4 * i] = fmaf(o[4 * i], pa0, pv[4 * i]);
+        o[4 * i + 1] = fmaf(o[4 * i + 1], pa0, pv[4 * i + 1]);
+        o[4 * i + 2] = fmaf(o[4 * i + 2], pa1, pv[4 * i + 2]);
+        o[4 * i + 3] = fmaf(o[4 * i + 3], pa1, pv[4 * i + 3]);
       } else {
         o[4 * i] *= alpha0;
         o[4 * i + 1] *= alpha0;
@@ -257,9 +273,21 @@ __global__ void __launch_bounds__(kThreads8, 1)
     }
   };
 
+  // Optional FA3 ping-pong: the consumer warpgroups take turns issuing GEMMs (named barriers 1, 2).
+  auto take_turn = [&]() {
+    if (S2V_FA8_PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(warpgroup) : "memory");
+  };
+  auto pass_turn = [&](bool last) {
+    if (S2V_FA8_PINGPONG && !(last && warpgroup == 2))
+      asm volatile("bar.arrive %0, 256;" ::"r"(3 - warpgroup) : "memory");
+  };
+  if (S2V_FA8_PINGPONG && warpgroup == 2) asm volatile("bar.arrive 1, 256;" ::: "memory");
+
   mbar_wait(bar_q, 0);
   mbar_wait(bar_k_full(0), 0);
+  take_turn();
   issue_qk(0);
+  pass_turn(false);
   wgmma_wait<0>();
   reg_fence(s);
   if (n_tiles == 1 && tail_keys < kBN)
@@ -273,10 +301,14 @@ __global__ void __launch_bounds__(kThreads8, 1)
     const int sk = j % kStages8, sv = (j - 1) % kStages8;
     mbar_wait(bar_k_full(sk), (j / kStages8) & 1);
     mbar_wait(bar_v_full(sv), ((j - 1) / kStages8) & 1);
+    take_turn();
     issue_qk(sk);
     issue_pv(sv);
+    pass_turn(false);
     wgmma_wait<1>();
     reg_fence(s);
+    pa0 = alpha0;  // alpha of tile j-1, whose P.V is in flight
+    pa1 = alpha1;
     if (j == n_tiles - 1 && tail_keys < kBN)
       softmax(std::true_type{}, sk, tail_keys);
     else
@@ -291,12 +323,19 @@ __global__ void __launch_bounds__(kThreads8, 1)
   {
     const int sv = (n_tiles - 1) % kStages8;
     mbar_wait(bar_v_full(sv), ((n_tiles - 1) / kStages8) & 1);
+    take_turn();
     issue_pv(sv);
+    pass_turn(true);
     wgmma_wait<0>();
     if (S2V_FA8_PROMOTE) {
       reg_fence(pv);
 #pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] += pv[i];
+      for (int i = 0; i < 16; ++i) {
+        o[4 * i] = fmaf(o[4 * i], alpha0, pv[4 * i]);
+        o[4 * i + 1] = fmaf(o[4 * i + 1], alpha0, pv[4 * i + 1]);
+        o[4 * i + 2] = fmaf(o[4 * i + 2], alpha1, pv[4 * i + 2]);
+        o[4 * i + 3] = fmaf(o[4 * i + 3], alpha1, pv[4 * i + 3]);
+      }
     } else {
       reg_fence(o);
     }
