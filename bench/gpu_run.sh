@@ -51,6 +51,10 @@ stage() {
                --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
                --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
                python3 bench/ncu_attention.py > "$OUT/ncu_attention.txt" 2>&1; tail -c 20000 "$OUT/ncu_attention.txt" ;;
+    ncustall) python3 -c "from s2v_fast.kernels import cuda_attention as c; c.build(); c.build(kernel='fp8')"
+             ncu --kernel-name regex:"flash_fwd_sm90|fp8_fwd_sm90" --launch-skip 1 --launch-count 2 \
+               --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active" \
+               python3 bench/ncu_attention.py > "$OUT/ncu_stalls.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_stalls.txt" | tail -c 12000 ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
