@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -66,6 +67,7 @@ _ERRORS = {1: "bad arguments (sizes or strides not multiples of 8 elements)",
            4: "kernel launch failed"}
 
 _libs: dict = {}
+_failed: dict = {}  # (kernel, config) -> why its build or load failed (not retried)
 _lock = threading.Lock()
 
 
@@ -134,6 +136,8 @@ def build(config: Optional[dict] = None, kernel: str = "bf16", verbose: bool = F
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     cmd = [nvcc, *flags, str(src), "-o", tmp]
+    print(f"s2v_fast: building {src.name} with nvcc (first use; cached in {lib.parent})",
+          file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
@@ -147,9 +151,15 @@ def build(config: Optional[dict] = None, kernel: str = "bf16", verbose: bool = F
 def _load(kernel: str, config: dict):
     key = (kernel,) + tuple(sorted(config.items()))
     with _lock:
+        if key in _failed:
+            raise RuntimeError(_failed[key])
         if key not in _libs:
             _, symbol, argtypes = KERNELS[kernel]
-            fn = getattr(ctypes.CDLL(str(build(config, kernel))), symbol)
+            try:
+                fn = getattr(ctypes.CDLL(str(build(config, kernel))), symbol)
+            except (OSError, RuntimeError, AttributeError) as e:
+                _failed[key] = str(e)
+                raise RuntimeError(str(e)) from e
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
             _libs[key] = fn
@@ -219,7 +229,7 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
     qz = quantized if quantized is not None else fa8.quantize_qkv(q, k, v, scale, "fp8",
                                                                   use_kernels=True, k_perm32=True)
-    if qz.get("Lkp", 0) % 32:
+    if qz.get("Lkp", 0) % 128:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
     fn = _load("fp8", config or FP8_CONFIGS[0])
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
