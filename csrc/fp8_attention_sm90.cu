@@ -3,10 +3,8 @@
 //
 // Inputs come from fp8_attention.quantize_qkv(..., k_perm32=True):
 //   q8 [BH, Lq, 128] e4m3, qs [BH, Lq] fp32 (per token; softmax scale * log2 e folded in)
-//   k8 [BH, Lkp, 128] e4m3 of k - mean_k, ks [BH, Lkp] fp32 (per token), Lkp = Lk padded to 128,
-//      keys stored permuted inside each group of 32 (see kPermNote below), their scales in the
-//      order the lanes read them (fp8_attention.ks_slots: each quad lane's 32 scales of a tile
-//      contiguous, as 16-byte chunks XOR-swizzled by the lane so the vector loads are conflict-free)
+//   k8 [BH, Lkp, 128] e4m3 of k - mean_k, ks [BH, Lkp] fp32 (per token), Lkp = Lk padded to 32,
+//      keys stored permuted inside each group of 32 (see kPermNote below)
 //   vt [BH, 128, Lp] e4m3 (per channel, keys contiguous, Lp = Lk padded to 16), vs [BH, 128]
 //
 //   s = (q8 . k8) * ks[key];  m = running max of s * qs;  p = exp2(s * qs - m + log2 448)
@@ -189,16 +187,12 @@ __global__ void __launch_bounds__(kThreads8, 1)
   auto softmax = [&](auto kMask, int stage, int valid) {
     const float* ks = reinterpret_cast<const float*>(ks_generic + stage * 1024);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {  // scales of score columns 8i + 2 quad + {0,1}, i = 2c, 2c + 1
-      const float4 k4 = *reinterpret_cast<const float4*>(ks + 32 * quad + 4 * (c ^ quad));
-      s[8 * c] *= k4.x;
-      s[8 * c + 1] *= k4.y;
-      s[8 * c + 2] *= k4.x;
-      s[8 * c + 3] *= k4.y;
-      s[8 * c + 4] *= k4.z;
-      s[8 * c + 5] *= k4.w;
-      s[8 * c + 6] *= k4.z;
-      s[8 * c + 7] *= k4.w;
+    for (int i = 0; i < 16; ++i) {
+      const float2 k2 = *reinterpret_cast<const float2*>(ks + 8 * i + 2 * quad);
+      s[4 * i] *= k2.x;
+      s[4 * i + 1] *= k2.y;
+      s[4 * i + 2] *= k2.x;
+      s[4 * i + 3] *= k2.y;
     }
     if constexpr (decltype(kMask)::value) {
 #pragma unroll
@@ -390,7 +384,7 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
                                       int batch, int heads, int lq, int lk, int lkp, int lp,
                                       const long long* o_strides, void* stream) {
   const int bh = batch * heads;
-  if (bh <= 0 || lq <= 0 || lk <= 0 || lkp % 128 || lkp < lk || lp % 16 || lp < lk) return 1;
+  if (bh <= 0 || lq <= 0 || lk <= 0 || lkp % 32 || lkp < lk || lp % 16 || lp < lk) return 1;
   CUtensorMap qm, km, ksm, vm;
   const cuuint64_t q_dims[3] = {kD, (cuuint64_t)lq, (cuuint64_t)bh};
   const cuuint64_t q_str[2] = {kD, (cuuint64_t)lq * kD};

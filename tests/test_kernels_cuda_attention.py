@@ -173,7 +173,7 @@ from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
 
 
 def test_perm32_layout_is_a_permutation_within_groups():
-    n = torch.arange(256)
+    n = torch.arange(96)
     rows = fa8.perm32_rows(n)
     assert sorted(rows.tolist()) == n.tolist() and torch.equal(rows // 32, n // 32)
     # the fragment rule the CUDA kernel relies on: key 16h + 4t + 2c + b at row 16h + 8c + 2t + b
@@ -182,35 +182,25 @@ def test_perm32_layout_is_a_permutation_within_groups():
             for c in (0, 1):
                 for b in (0, 1):
                     assert rows[16 * h + 4 * t + 2 * c + b] == 16 * h + 8 * c + 2 * t + b
-    slots = fa8.ks_slots(n)
-    assert sorted(slots.tolist()) == n.tolist() and torch.equal(slots // 128, n // 128)
-    # lane t's 32 scales (score columns 8i + 2t + b) fill slots 32t..32t+31 of the tile, chunk i//2
-    # stored at (i//2) ^ t
-    for key in range(128):
-        col = int(rows[key])
-        t, i, b = (col >> 1) & 3, col >> 3, col & 1
-        assert int(slots[key]) == 32 * t + 4 * ((i // 2) ^ t) + 2 * (i % 2) + b
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
-@pytest.mark.parametrize("Lk", [128, 77, 300])
+@pytest.mark.parametrize("Lk", [64, 77])
 def test_permuted_k_quantisation_kernel_matches_torch(Lk):
     q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, Lk, seed=Lk)
     got = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=True, k_perm32=True)
     exp = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False, k_perm32=True)
     plain = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False)
-    lkp = -(-Lk // 128) * 128
+    lkp = -(-Lk // 32) * 32
     assert got["Lkp"] == exp["Lkp"] == lkp and got["k8"].shape == (2, lkp, 64)
     assert torch.equal(got["k8"].view(torch.uint8), exp["k8"].view(torch.uint8))
     assert torch.equal(got["ks"], exp["ks"])
-    keys = torch.arange(Lk)
-    rows, slots = fa8.perm32_rows(keys), fa8.ks_slots(keys)
+    rows = fa8.perm32_rows(torch.arange(Lk))
     assert torch.equal(got["k8"].view(torch.uint8)[:, rows], plain["k8"].view(torch.uint8))
-    assert torch.equal(got["ks"][:, slots], plain["ks"])
-    for idx, t in ((rows, got["k8"].view(torch.uint8)), (slots, got["ks"])):
-        unused = torch.ones(lkp, dtype=torch.bool)
-        unused[idx] = False
-        assert torch.all(t[:, unused] == 0)
+    assert torch.equal(got["ks"][:, rows], plain["ks"])
+    unused = torch.ones(lkp, dtype=torch.bool)
+    unused[rows] = False
+    assert torch.all(got["ks"][:, unused] == 0) and torch.all(got["k8"].view(torch.uint8)[:, unused] == 0)
 
 
 FP8_CASES = [(1, 4096, 4096, 2), (2, 1000, 1000, 2), (1, 300, 77, 2), (1, 129, 4133, 1)]

@@ -229,7 +229,7 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
     qz = quantized if quantized is not None else fa8.quantize_qkv(q, k, v, scale, "fp8",
                                                                   use_kernels=True, k_perm32=True)
-    if qz.get("Lkp", 0) % 128:
+    if qz.get("Lkp", 0) % 32:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
     fn = _load("fp8", config or FP8_CONFIGS[0])
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)

@@ -140,8 +140,7 @@ if triton is not None:
     ):
         """Per-(token, head) e4m3 quantisation of X [B, L, H, D] (optionally minus MEAN [B*H, D])
         -> Y [B*H, LY, D] fp8 contiguous, S [B*H, LY] = amax / 448 * post; PERM32: row i goes to
-        row :func:`perm32_rows` (i) and its scale to :func:`ks_slots` (i) (the CUDA kernel's
-        layout)."""
+        row :func:`perm32_rows` (i) (the CUDA kernel's K layout)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -158,18 +157,13 @@ if triton is not None:
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), 7.888609052210118e-31)
         inv = _rdiv(tl.full([BLOCK_R], 448.0, tl.float32), amax)
         y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
-        srow = rows64
-        if PERM32:  # perm32_rows and ks_slots of fp8_attention.py
-            col = (rows64 & 127 & ~31) | (rows64 & 0x11) | ((rows64 & 0xC) >> 1) | ((rows64 & 0x2) << 2)
-            t = (col >> 1) & 3
-            i = col >> 3
-            srow = (rows64 & ~127) | (t << 5) | (((i >> 1) ^ t) << 2) | ((i & 1) << 1) | (col & 1)
-            rows64 = (rows64 & ~127) | col
+        if PERM32:
+            rows64 = (rows64 & ~31) | (rows64 & 0x11) | ((rows64 & 0xC) >> 1) | ((rows64 & 0x2) << 2)
         ybase = bh.to(tl.int64) * LY * D
         tl.store(Y + ybase + rows64[:, None] * D + offs_d[None, :], e4m3_round(y, INTERPRET),
                  mask=rmask[:, None])
         scale = _rdiv(amax, tl.full([BLOCK_R], 448.0, tl.float32)) * post
-        tl.store(S + bh.to(tl.int64) * LY + srow, scale, mask=rmask)
+        tl.store(S + bh.to(tl.int64) * LY + rows64, scale, mask=rmask)
 
     @triton.jit
     def _quant_v_kernel(
@@ -414,25 +408,14 @@ def perm32_rows(n: torch.Tensor) -> torch.Tensor:
     return (n & ~31) | (n & 0x11) | ((n & 0xC) >> 1) | ((n & 0x2) << 2)
 
 
-def ks_slots(n: torch.Tensor) -> torch.Tensor:
-    """Storage index of key ``n``'s scale in the CUDA fp8 kernel's ks layout: per tile of 128 keys,
-    the 32 scales that quad lane t multiplies into its score columns 8i + 2t + b (i < 16, b < 2)
-    are contiguous, as eight 16-byte chunks stored at chunk (i // 2) ^ t so that the four lanes'
-    vector loads hit distinct banks."""
-    col = perm32_rows(n & 127)  # the key's score column in its tile
-    t, i, b = (col >> 1) & 3, col >> 3, col & 1
-    return (n & ~127) | (t << 5) | (((i >> 1) ^ t) << 2) | ((i & 1) << 1) | b
-
-
 def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None,
                  k_perm32: bool = False) -> dict:
     """All quantisation work of one attention call (what the benchmark must include).
 
     Returns q8/k8 [B*H, L, D] e4m3, qs/ks [B*H, L] fp32, km [B, H, D]; for pv="fp8" also
     vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32.
-    ``k_perm32`` (the CUDA kernel's layout): k8/ks hold Lkp = Lk padded to 128 rows, key n's row
-    at :func:`perm32_rows` (n) and its scale at :func:`ks_slots` (n), zeros elsewhere; ``Lkp`` is
-    in the result."""
+    ``k_perm32`` (the CUDA kernel's layout): k8/ks hold Lkp = Lk padded to 32 rows, key n at row
+    :func:`perm32_rows` (n), zeros elsewhere; ``Lkp`` is in the result."""
     if use_kernels is None:
         use_kernels = kernels_usable(q, k, v)
     if use_kernels and not FALLBACKS.get("quantize"):
@@ -445,7 +428,7 @@ def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = Non
 
 
 def _k_rows(Lk: int, k_perm32: bool) -> int:
-    return -(-Lk // 128) * 128 if k_perm32 else Lk
+    return -(-Lk // 32) * 32 if k_perm32 else Lk
 
 
 def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False):
@@ -457,11 +440,11 @@ def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False):
     k8, ks = k8.view(B * H, Lk, D), ks.reshape(B * H, Lk)
     if k_perm32:
         Lkp = _k_rows(Lk, True)
-        keys = torch.arange(Lk, device=dev)
+        rows = perm32_rows(torch.arange(Lk, device=dev))
         k8p = torch.zeros((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
         ksp = torch.zeros((B * H, Lkp), dtype=torch.float32, device=dev)
-        k8p.view(torch.uint8)[:, perm32_rows(keys)] = k8.view(torch.uint8)
-        ksp[:, ks_slots(keys)] = ks
+        k8p.view(torch.uint8)[:, rows] = k8.view(torch.uint8)
+        ksp[:, rows] = ks
         k8, ks = k8p, ksp
     res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8, ks=ks, km=km,
                Lkp=_k_rows(Lk, k_perm32))
@@ -500,8 +483,8 @@ def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32=False):
     Lkp = _k_rows(Lk, k_perm32)
     k8 = torch.empty((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
     ks = torch.empty((B * H, Lkp), dtype=torch.float32, device=dev)
-    if Lkp > Lk:  # the last tile's rows and scales that no key maps to
-        tail = Lk & ~127
+    if Lkp > Lk:  # the last group's rows that no key maps to
+        tail = Lk & ~31
         k8.view(torch.uint8)[:, tail:].zero_()
         ks[:, tail:].zero_()
     _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
