@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_k_full(s), 1);
       mbar_init(bar_v_full(s), 1);
-      mbar_init(bar_k_empty(s), 8);  // the 8 consumer warps
-      mbar_init(bar_v_empty(s), 8);
+      mbar_init(bar_k_empty(s), 256);
+      mbar_init(bar_v_empty(s), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   pass_turn(false);
   wgmma_wait<0>();
   reg_fence(s);
-  mbar_arrive_warp(bar_k_empty(0));
+  mbar_arrive(bar_k_empty(0));
   if (n_tiles == 1 && tail_cols < kBlockN)
     softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
   else
@@ -267,14 +267,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     pass_turn(false);
     wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
     reg_fence(s);
-    mbar_arrive_warp(bar_k_empty(sk));
+    mbar_arrive(bar_k_empty(sk));
     if (j == n_tiles - 1 && tail_cols < kBlockN)
       softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
     else
       softmax_step<false>(s, m, l, alpha, kBlockN, scale_log2);
     wgmma_wait<0>();
     reg_fence(o);
-    mbar_arrive_warp(bar_v_empty(sv));
+    mbar_arrive(bar_v_empty(sv));
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       o[4 * i] *= alpha[0];
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pass_turn(true);
     wgmma_wait<0>();
     reg_fence(o);
-    mbar_arrive_warp(bar_v_empty(sv));
+    mbar_arrive(bar_v_empty(sv));
   }
 
   // ---- epilogue: normalise and store (rows past Lq are not written)

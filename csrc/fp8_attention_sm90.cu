@@ -121,8 +121,8 @@ __global__ void __launch_bounds__(kThreads8, 1)
     for (int s = 0; s < kStages8; ++s) {
       mbar_init(bar_k_full(s), 1);
       mbar_init(bar_v_full(s), 1);
-      mbar_init(bar_k_empty(s), 8);  // the 8 consumer warps
-      mbar_init(bar_v_empty(s), 8);
+      mbar_init(bar_k_empty(s), 256);
+      mbar_init(bar_v_empty(s), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
     softmax(std::true_type{}, 0, tail_keys);
   else
     softmax(std::false_type{}, 0, kBN);
-  mbar_arrive_warp(bar_k_empty(0));
+  mbar_arrive(bar_k_empty(0));
   pack_p();
 
   for (int j = 1; j < n_tiles; ++j) {
@@ -313,10 +313,10 @@ __global__ void __launch_bounds__(kThreads8, 1)
       softmax(std::true_type{}, sk, tail_keys);
     else
       softmax(std::false_type{}, sk, kBN);
-    mbar_arrive_warp(bar_k_empty(sk));  // after the softmax: it read this stage's ks
+    mbar_arrive(bar_k_empty(sk));  // after the softmax: it read this stage's ks
     wgmma_wait<0>();
     if (S2V_FA8_PROMOTE) reg_fence(pv); else reg_fence(o);
-    mbar_arrive_warp(bar_v_empty(sv));
+    mbar_arrive(bar_v_empty(sv));
     rescale();
     pack_p();
   }
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
     } else {
       reg_fence(o);
     }
-    mbar_arrive_warp(bar_v_empty(sv));
+    mbar_arrive(bar_v_empty(sv));
   }
 
   // ---- epilogue: o / l * vs[channel] -> bf16 (rows past Lq are not written)
