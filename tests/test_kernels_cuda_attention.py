@@ -251,7 +251,7 @@ def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
 def test_failed_build_is_not_retried(tmp_path, monkeypatch):
     calls = []
 
-    def failing_build(config=None, kernel="bf16", verbose=False):
+    def failing_build(config=None, kernel="bf16"):
         calls.append(kernel)
         raise RuntimeError("nvcc failed to build flash_attention_sm90.cu: boom")
 

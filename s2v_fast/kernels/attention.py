@@ -13,8 +13,9 @@ Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
 * ``cuda``: our CUDA C++ flash-attention forward for Hopper (``csrc/flash_attention_sm90.cu`` via
   ``cuda_attention.py``; bf16, head dim 128, sm_90; built with nvcc on first use). Listed when CUDA
   and nvcc are present.
-* ``fp8``: our FP8 Triton attention (``fp8_attention.py``; opt-in, changes numerics: per-token
-  Q/K e4m3 scales, K mean-centred).
+* ``fp8``: our FP8 attention (``fp8_attention.py``; opt-in, changes numerics: per-token Q/K e4m3
+  scales, K mean-centred): the CUDA kernel ``csrc/fp8_attention_sm90.cu`` on Hopper with nvcc,
+  else the Triton kernel; self-attention only (short key sequences take the bf16 ``auto`` choice).
 * ``flash_attn``: the ``flash_attn`` package (FlashAttention-3 ``flash_attn_interface`` when
   importable, else FlashAttention-2); only listed when installed.
 * ``auto`` (default): on CUDA, the first call of each shape class times every available

@@ -117,7 +117,7 @@ def _default_config(kernel: str) -> dict:
     return (FP8_CONFIGS if kernel == "fp8" else CUDA_CONFIGS)[0]
 
 
-def build(config: Optional[dict] = None, kernel: str = "bf16", verbose: bool = False) -> Path:
+def build(config: Optional[dict] = None, kernel: str = "bf16") -> Path:
     """Compile ``kernel``'s library for ``config`` (default: its first config) once per source
     (with the shared header), flags and nvcc version, and return its path."""
     nvcc = find_nvcc()
@@ -142,8 +142,6 @@ def build(config: Optional[dict] = None, kernel: str = "bf16", verbose: bool = F
     if res.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"nvcc failed to build {src.name}: {res.stderr.strip()[-2000:]}")
-    if verbose:
-        print(res.stderr)
     os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written library
     return lib
 
@@ -172,7 +170,7 @@ def _check(err: int, what: str) -> None:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Inputs the kernel covers: CUDA bf16, head dim 128, last dim contiguous, 16-byte aligned."""
+    """Inputs both kernels cover: CUDA bf16, head dim 128, last dim contiguous, 16-byte aligned."""
     if q.dim() != 4 or not q.is_cuda or q.shape[-1] != HEAD_DIM:
         return False
     B, _, H, D = q.shape
@@ -209,11 +207,6 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def fp8_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Inputs the FP8 kernel covers: as :func:`supports` (its output is bf16, head dim 128)."""
-    return supports(q, k, v)
-
-
 def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        softmax_scale: Optional[float] = None, *, config: Optional[dict] = None,
                        quantized: Optional[dict] = None) -> torch.Tensor:
@@ -225,7 +218,7 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if not fp8_supports(q, k, v):
+    if not supports(q, k, v):
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
     qz = quantized if quantized is not None else fa8.quantize_qkv(q, k, v, scale, "fp8",
                                                                   use_kernels=True, k_perm32=True)

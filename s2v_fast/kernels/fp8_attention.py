@@ -648,9 +648,9 @@ def cuda_fp8_usable(q, k, v) -> bool:
         from .cuda_attention import unavailable_reason
 
         _CUDA_FP8["ok"] = unavailable_reason() is None
-    from .cuda_attention import fp8_supports
+    from .cuda_attention import supports
 
-    return _CUDA_FP8["ok"] and fp8_supports(q, k, v)
+    return _CUDA_FP8["ok"] and supports(q, k, v)
 
 
 def fp8_attention_backend(q, k, v):
