@@ -13,7 +13,8 @@
 // overlap); the two consumers also overlap each other.
 //
 // Shared memory: every tile is stored as two 64-column halves, 128-byte rows, 128B swizzle (what
-// the TMA box writes and the wgmma descriptors read). Q 32 KB + 2 x (K 32 KB + V 32 KB) = 160 KB.
+// the TMA box writes and the wgmma descriptors read). Q 32 KB + 2 stages x (K + V), 44 KB each at
+// 176 keys per tile: 208 KB.
 //
 // Host entry: s2v_flash_attention_sm90(...) (extern "C", loaded with ctypes by
 // s2v_fast/kernels/cuda_attention.py, which also builds this file with nvcc on first use).
