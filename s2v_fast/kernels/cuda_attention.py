@@ -45,8 +45,9 @@ HEAD_DIM = 128
 # Compile-time variants (-D flags): keys per tile, and FA3 ping-pong between the two consumer
 # warpgroups. Entry 0 is what the backend runs; the others are kept for the per-config benchmark
 # (bench/bench_attention_configs.py) and the GPU tests.
-# H100 (results/attention_configs_cuda-*): 176 keys without ping-pong 659 / 649 TFLOP/s at 32,760 /
-# 79,200 tokens; with ping-pong 655 / 640; 128 keys 579-588 / 634-639 (cuDNN 585 / 565).
+# H100 (results/attention_configs_cuda*-*): 176 keys without ping-pong 659 / 649 TFLOP/s at 32,760 /
+# 79,200 tokens; with ping-pong 655 / 640; 128 keys 579-588 / 634-639 (cuDNN 585 / 565); 192 keys
+# 647 at 79,200 against 644 for 176 in the same run (no gain).
 CUDA_CONFIGS = [
     dict(BLOCK_N=176, PINGPONG=0),
     dict(BLOCK_N=176, PINGPONG=1),
