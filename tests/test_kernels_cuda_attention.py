@@ -139,7 +139,7 @@ def test_build_caches_and_reports_nvcc_errors(tmp_path, monkeypatch):
                          f'echo built >> {log}\n'
                          'while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then echo lib > "$2"; fi; shift; done\n')
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
-    monkeypatch.setenv("S2V_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("S2V_FAST_CACHE", str(tmp_path / "cache"))
     assert ca.find_nvcc() == str(tmp_path / "cuda" / "bin" / "nvcc")
     lib = ca.build()
     assert lib.read_text() == "lib\n" and ca.build() == lib

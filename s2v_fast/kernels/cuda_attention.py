@@ -10,8 +10,8 @@ The FP8 kernel computes ``fp8_attention``'s numbers (its torch emulation is the 
 ``fp8_attention.quantize_qkv(..., k_perm32=True)``.
 
 The sources are compiled with ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``) on
-first use into ``$S2V_CACHE_DIR`` (default ``~/.cache/s2v_fast``), keyed by a hash of the source,
-the flags and the nvcc version, and loaded with ctypes (no torch extension build). Inputs the kernel
+first use into ``$S2V_FAST_CACHE/kernels`` (default ``~/.cache/s2v_fast/kernels``), keyed by a hash
+of the source, the flags and the nvcc version, and loaded with ctypes (no torch extension build). Inputs the kernel
 does not cover (other dtypes or head dims, TMA-unaligned strides) go to cuDNN SDPA.
 """
 from __future__ import annotations
@@ -107,7 +107,10 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("S2V_CACHE_DIR", Path.home() / ".cache" / "s2v_fast"))
+    """$S2V_FAST_CACHE/kernels (as the tiny model's cache: else $XDG_CACHE_HOME or ~/.cache)."""
+    root = os.environ.get("S2V_FAST_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2v_fast"
+    return Path(root) / "kernels"
 
 
 def _defines(kernel: str, config: dict) -> list:
