@@ -20,19 +20,14 @@
 // s2v_fast/kernels/cuda_attention.py, which also builds this file with nvcc on first use).
 #include "sm90_common.cuh"
 
-#pragma nv_diag_suppress 177  // the wgmma wrappers of the other BLOCK_N variants are unused
-
 namespace {
 
 constexpr int kHeadDim = 128;
 constexpr int kBlockM = 128;  // query rows per CTA (two consumer warpgroups x 64)
-#ifndef S2V_FA_BLOCK_N
-#define S2V_FA_BLOCK_N 176
-#endif
-#ifndef S2V_FA_PINGPONG
-#define S2V_FA_PINGPONG 0
-#endif
-constexpr int kBlockN = S2V_FA_BLOCK_N;  // keys per tile (128, 176 or 192)
+// Keys per tile: 176 measured 649-659 TFLOP/s at 79,200 tokens against 626-639 for 128 and
+// 647 vs 644 for 192; FA3's ping-pong between the consumers gave 640 vs 649 (bench/NOTES.md
+// section 12; the variants are in git history).
+constexpr int kBlockN = 176;
 constexpr int kStages = 2;
 constexpr int kQHalfBytes = kBlockM * 128;           // one 64-column half of Q: rows x 128 B
 constexpr int kKVHalfBytes = kBlockN * 128;          // one 64-column half of a K or V tile
@@ -43,37 +38,13 @@ constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /*align*/ + 2
 constexpr int kS = kBlockN / 2;                      // score registers per thread
 static_assert(kKVHalfBytes % 1024 == 0, "swizzle atoms need 1024-byte aligned tiles");
 
-// D[64xN] (+)= A[64x16] * B[16xN]; A and B from shared memory (descriptors), both K-major.
-template <int N>
-__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
-                                         int accumulate);
-template <>
-__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                             int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-template <>
-__device__ __forceinline__ void wgmma_ss<176>(float (&d)[88], uint64_t desc_a, uint64_t desc_b,
-                                             int accumulate) {
+// D[64x176] (+)= A[64x16] * B[16x176]; A and B from shared memory (descriptors), both K-major.
+__device__ __forceinline__ void wgmma_m64n176k16_ss(float (&d)[88], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-template <>
-__device__ __forceinline__ void wgmma_ss<192>(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
-                                             int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, %96, %97, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
@@ -122,10 +93,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[kS], float (&m)[2], floa
     mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
     mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
   }
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+  quad_max2(mx0, mx1);
   alpha[0] = exp2f((m[0] - mx0) * scale_log2);
   alpha[1] = exp2f((m[1] - mx1) * scale_log2);
   m[0] = mx0;
@@ -166,46 +134,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t q_smem = base;
   const uint32_t k_smem = base + kQBytes;                    // + stage * kKVBytes
   const uint32_t v_smem = k_smem + kStages * kKVBytes;
-  const uint32_t bars = v_smem + kStages * kKVBytes;
-  const uint32_t bar_q = bars;
-  auto bar_k_full = [&](int s) { return bars + 8 * (1 + s); };
-  auto bar_v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
-  auto bar_k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages + s); };
-  auto bar_v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages + s); };
+  const KVBarriers<kStages> bar{v_smem + kStages * kKVBytes};
 
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int n_tiles = (prm.lk + kBlockN - 1) / kBlockN;
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_k_full(s), 1);
-      mbar_init(bar_v_full(s), 1);
-      mbar_init(bar_k_empty(s), 256);
-      mbar_init(bar_v_empty(s), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  if (threadIdx.x == 0) bar.init();
   __syncthreads();
 
   if (warpgroup == 0) {  // ------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (threadIdx.x == 0) {
-      mbar_expect_tx(bar_q, kQBytes);
-      tma_load(q_smem, &q_map, bar_q, 0, h, m_block * kBlockM, b);
-      tma_load(q_smem + kQHalfBytes, &q_map, bar_q, 64, h, m_block * kBlockM, b);
+      mbar_expect_tx(bar.q(), kQBytes);
+      tma_load(q_smem, &q_map, bar.q(), 0, h, m_block * kBlockM, b);
+      tma_load(q_smem + kQHalfBytes, &q_map, bar.q(), 64, h, m_block * kBlockM, b);
       for (int j = 0; j < n_tiles; ++j) {
         const int s = j % kStages;
         const uint32_t phase = (j / kStages) & 1;
-        mbar_wait(bar_k_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_k_full(s), kKVBytes);
-        tma_load(k_smem + s * kKVBytes, &k_map, bar_k_full(s), 0, h, j * kBlockN, b);
-        tma_load(k_smem + s * kKVBytes + kKVHalfBytes, &k_map, bar_k_full(s), 64, h, j * kBlockN, b);
-        mbar_wait(bar_v_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_v_full(s), kKVBytes);
-        tma_load(v_smem + s * kKVBytes, &v_map, bar_v_full(s), 0, h, j * kBlockN, b);
-        tma_load(v_smem + s * kKVBytes + kKVHalfBytes, &v_map, bar_v_full(s), 64, h, j * kBlockN, b);
+        mbar_wait(bar.k_empty(s), phase ^ 1);
+        mbar_expect_tx(bar.k_full(s), kKVBytes);
+        tma_load(k_smem + s * kKVBytes, &k_map, bar.k_full(s), 0, h, j * kBlockN, b);
+        tma_load(k_smem + s * kKVBytes + kKVHalfBytes, &k_map, bar.k_full(s), 64, h, j * kBlockN, b);
+        mbar_wait(bar.v_empty(s), phase ^ 1);
+        mbar_expect_tx(bar.v_full(s), kKVBytes);
+        tma_load(v_smem + s * kKVBytes, &v_map, bar.v_full(s), 0, h, j * kBlockN, b);
+        tma_load(v_smem + s * kKVBytes + kKVHalfBytes, &v_map, bar.v_full(s), 64, h, j * kBlockN, b);
       }
     }
     return;
@@ -229,8 +183,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {  // head dim in steps of 16: 4 per 64-column half
       const uint32_t off = (kk % 4) * 32;
-      wgmma_ss<kBlockN>(s, gmma_desc(q_smem + (kk / 4) * kQHalfBytes + row0 * 128 + off, 16, 1024),
-                        gmma_desc(kb + (kk / 4) * kKVHalfBytes + off, 16, 1024), kk > 0);
+      wgmma_m64n176k16_ss(s, gmma_desc(q_smem + (kk / 4) * kQHalfBytes + row0 * 128 + off, 16, 1024),
+                          gmma_desc(kb + (kk / 4) * kKVHalfBytes + off, 16, 1024), kk > 0);
     }
     wgmma_commit();
   };
@@ -243,25 +197,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
 
-  // Ping-pong (FA3): the two consumer warpgroups take turns issuing their GEMMs (named barriers
-  // 1 and 2), so one's softmax runs while the other's GEMMs hold the tensor cores.
-  auto take_turn = [&]() {
-    if (S2V_FA_PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(warpgroup) : "memory");
-  };
-  auto pass_turn = [&](bool last) {
-    if (S2V_FA_PINGPONG && !(last && warpgroup == 2))
-      asm volatile("bar.arrive %0, 256;" ::"r"(3 - warpgroup) : "memory");
-  };
-  if (S2V_FA_PINGPONG && warpgroup == 2) asm volatile("bar.arrive 1, 256;" ::: "memory");
-
-  mbar_wait(bar_q, 0);
-  mbar_wait(bar_k_full(0), 0);
-  take_turn();
+  mbar_wait(bar.q(), 0);
+  mbar_wait(bar.k_full(0), 0);
   issue_qk(0);
-  pass_turn(false);
   wgmma_wait<0>();
   reg_fence(s);
-  mbar_arrive(bar_k_empty(0));
+  mbar_arrive(bar.k_empty(0));
   if (n_tiles == 1 && tail_cols < kBlockN)
     softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
   else
@@ -270,22 +211,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int j = 1; j < n_tiles; ++j) {
     const int sk = j % kStages, sv = (j - 1) % kStages;
-    mbar_wait(bar_k_full(sk), (j / kStages) & 1);
-    mbar_wait(bar_v_full(sv), ((j - 1) / kStages) & 1);
-    take_turn();
-    issue_qk(sk);
+    mbar_wait(bar.k_full(sk), (j / kStages) & 1);
+    mbar_wait(bar.v_full(sv), ((j - 1) / kStages) & 1);
+      issue_qk(sk);
     issue_pv(sv);
-    pass_turn(false);
-    wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
+      wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
     reg_fence(s);
-    mbar_arrive(bar_k_empty(sk));
+    mbar_arrive(bar.k_empty(sk));
     if (j == n_tiles - 1 && tail_cols < kBlockN)
       softmax_step<true>(s, m, l, alpha, tail_cols, scale_log2);
     else
       softmax_step<false>(s, m, l, alpha, kBlockN, scale_log2);
     wgmma_wait<0>();
     reg_fence(o);
-    mbar_arrive(bar_v_empty(sv));
+    mbar_arrive(bar.v_empty(sv));
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       o[4 * i] *= alpha[0];
@@ -297,20 +236,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   {
     const int sv = (n_tiles - 1) % kStages;
-    mbar_wait(bar_v_full(sv), ((n_tiles - 1) / kStages) & 1);
-    take_turn();
-    issue_pv(sv);
-    pass_turn(true);
+    mbar_wait(bar.v_full(sv), ((n_tiles - 1) / kStages) & 1);
+      issue_pv(sv);
     wgmma_wait<0>();
     reg_fence(o);
-    mbar_arrive(bar_v_empty(sv));
+    mbar_arrive(bar.v_empty(sv));
   }
 
   // ---- epilogue: normalise and store (rows past Lq are not written)
-  l[0] += __shfl_xor_sync(0xffffffff, l[0], 1);
-  l[1] += __shfl_xor_sync(0xffffffff, l[1], 1);
-  l[0] += __shfl_xor_sync(0xffffffff, l[0], 2);
-  l[1] += __shfl_xor_sync(0xffffffff, l[1], 2);
+  quad_sum2(l[0], l[1]);
   const float inv0 = 1.f / l[0], inv1 = 1.f / l[1];
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
   const int r = m_block * kBlockM + row0 + warp * 16 + lane / 4;
@@ -334,16 +268,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [B, L, H, 128] bf16 with strides in elements (last dim contiguous); box = 64 columns x rows.
 int make_map(CUtensorMap* map, const void* ptr, int64_t batch, int64_t len, int64_t heads,
              int64_t sb, int64_t sl, int64_t sh, uint32_t rows) {
-  EncodeTiledFn encode = encode_fn();
-  if (encode == nullptr) return 2;
-  cuuint64_t dims[4] = {(cuuint64_t)kHeadDim, (cuuint64_t)heads, (cuuint64_t)len, (cuuint64_t)batch};
-  cuuint64_t strides[3] = {(cuuint64_t)sh * 2, (cuuint64_t)sl * 2, (cuuint64_t)sb * 2};
-  cuuint32_t box[4] = {64, 1, rows, 1};
-  cuuint32_t elem[4] = {1, 1, 1, 1};
-  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(ptr), dims,
-                      strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? 0 : 3;
+  const cuuint64_t dims[4] = {(cuuint64_t)kHeadDim, (cuuint64_t)heads, (cuuint64_t)len,
+                              (cuuint64_t)batch};
+  const cuuint64_t strides[3] = {(cuuint64_t)sh * 2, (cuuint64_t)sl * 2, (cuuint64_t)sb * 2};
+  const cuuint32_t box[4] = {64, 1, rows, 1};
+  return encode_tiled(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, ptr, dims, strides, box,
+                      CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 }  // namespace

@@ -13,8 +13,10 @@
 // Structure as flash_attention_sm90.cu: a TMA producer warpgroup, two consumer warpgroups of 64
 // query rows, each issuing QK^T of tile j and P.V of tile j-1 as asynchronous wgmma groups and
 // doing tile j's softmax while P.V runs. P.V of each tile goes into fresh registers that are added
-// to the output in fp32 (PROMOTE: the two-level accumulation of SageAttention2 / the Triton
-// kernel's max_num_imprecise_acc; Hopper's fp8 MMA keeps about 14 bits of its accumulator).
+// to the output in fp32 (the two-level accumulation of SageAttention2 / the Triton kernel's
+// max_num_imprecise_acc): accumulated in the wgmma instead, the output was 18.6% / 29.4% off
+// fp32 at 32,760 / 79,200 tokens against 2.2% / 1.7% (H100, bench/NOTES.md section 13, where the
+// ping-pong and three-stage variants, both slower, are also measured; they are in git history).
 //
 // kPermNote: the e4m3 A operand of P.V (m64k32) wants thread t of a quad to hold keys 4t..4t+3 and
 // 16+4t..16+4t+3 of each 32, while the QK^T accumulator gives it score columns 2t, 2t+1, 8+2t,
@@ -27,19 +29,10 @@
 
 namespace {
 
-#ifndef S2V_FA8_STAGES
-#define S2V_FA8_STAGES 2
-#endif
-#ifndef S2V_FA8_PROMOTE
-#define S2V_FA8_PROMOTE 1
-#endif
-#ifndef S2V_FA8_PINGPONG
-#define S2V_FA8_PINGPONG 0
-#endif
 constexpr int kD = 128;
 constexpr int kBM = 128;                 // query rows per CTA
 constexpr int kBN = 128;                 // keys per tile
-constexpr int kStages8 = S2V_FA8_STAGES;
+constexpr int kStages8 = 2;
 constexpr int kQ8Bytes = kBM * kD;       // 16 KB
 constexpr int kK8Bytes = kBN * kD;       // 16 KB
 constexpr int kV8Bytes = kD * kBN;       // 16 KB (vt tile: 128 channels x 128 keys)
@@ -104,45 +97,31 @@ __global__ void __launch_bounds__(kThreads8, 1)
   const uint32_t k_smem = q_smem + kQ8Bytes;                // + stage * kK8Bytes
   const uint32_t v_smem = k_smem + kStages8 * kK8Bytes;     // + stage * kV8Bytes
   const uint32_t ks_smem = v_smem + kStages8 * kV8Bytes;    // + stage * 1024
-  const uint32_t bars = ks_smem + kStages8 * 1024;
-  const uint32_t bar_q = bars;
-  auto bar_k_full = [&](int s) { return bars + 8 * (1 + s); };
-  auto bar_v_full = [&](int s) { return bars + 8 * (1 + kStages8 + s); };
-  auto bar_k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages8 + s); };
-  auto bar_v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages8 + s); };
+  const KVBarriers<kStages8> bar{ks_smem + kStages8 * 1024};
   const uint8_t* ks_generic = smem_raw + (ks_smem - smem_addr(smem_raw));
 
   const int m_block = blockIdx.x, bh = blockIdx.y;
   const int n_tiles = (prm.lk + kBN - 1) / kBN;
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
-    for (int s = 0; s < kStages8; ++s) {
-      mbar_init(bar_k_full(s), 1);
-      mbar_init(bar_v_full(s), 1);
-      mbar_init(bar_k_empty(s), 256);
-      mbar_init(bar_v_empty(s), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  if (threadIdx.x == 0) bar.init();
   __syncthreads();
 
   if (warpgroup == 0) {  // ------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (threadIdx.x == 0) {
-      mbar_expect_tx(bar_q, kQ8Bytes);
-      tma_load_3d(q_smem, &q_map, bar_q, 0, m_block * kBM, bh);
+      mbar_expect_tx(bar.q(), kQ8Bytes);
+      tma_load_3d(q_smem, &q_map, bar.q(), 0, m_block * kBM, bh);
       for (int j = 0; j < n_tiles; ++j) {
         const int s = j % kStages8;
         const uint32_t phase = (j / kStages8) & 1;
-        mbar_wait(bar_k_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_k_full(s), kK8Bytes + kKsBytes);
-        tma_load_3d(k_smem + s * kK8Bytes, &k_map, bar_k_full(s), 0, j * kBN, bh);
-        tma_load_2d(ks_smem + s * 1024, &ks_map, bar_k_full(s), j * kBN, bh);
-        mbar_wait(bar_v_empty(s), phase ^ 1);
-        mbar_expect_tx(bar_v_full(s), kV8Bytes);
-        tma_load_3d(v_smem + s * kV8Bytes, &v_map, bar_v_full(s), j * kBN, 0, bh);
+        mbar_wait(bar.k_empty(s), phase ^ 1);
+        mbar_expect_tx(bar.k_full(s), kK8Bytes + kKsBytes);
+        tma_load_3d(k_smem + s * kK8Bytes, &k_map, bar.k_full(s), 0, j * kBN, bh);
+        tma_load_2d(ks_smem + s * 1024, &ks_map, bar.k_full(s), j * kBN, bh);
+        mbar_wait(bar.v_empty(s), phase ^ 1);
+        mbar_expect_tx(bar.v_full(s), kV8Bytes);
+        tma_load_3d(v_smem + s * kV8Bytes, &v_map, bar.v_full(s), j * kBN, 0, bh);
       }
     }
     return;
@@ -176,8 +155,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_e4m3_rs(S2V_FA8_PROMOTE ? pv : o, p[kk], gmma_desc(vb + kk * 32, 16, 1024),
-                    S2V_FA8_PROMOTE ? kk > 0 : 1);
+      wgmma_e4m3_rs(pv, p[kk], gmma_desc(vb + kk * 32, 16, 1024), kk > 0);
     wgmma_commit();
   };
   // scores of tile j (in s) -> p = exp2(s * ks * qs - m + log2 448) in place; updates m, l, alpha
@@ -218,10 +196,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
     }
     float mx0 = fmaxf(fmaxf(mxa[0], mxa[1]), fmaxf(mxa[2], mxa[3]));
     float mx1 = fmaxf(fmaxf(mxb[0], mxb[1]), fmaxf(mxb[2], mxb[3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+    quad_max2(mx0, mx1);
     const float mn0 = fmaxf(m0, mx0 * qs0), mn1 = fmaxf(m1, mx1 * qs1);
     alpha0 = exp2f(m0 - mn0);
     alpha1 = exp2f(m1 - mn1);
@@ -252,60 +227,38 @@ __global__ void __launch_bounds__(kThreads8, 1)
       p[kk][3] = pack_e4m3(s[c + 10], s[c + 11], s[c + 14], s[c + 15]);
     }
   };
-  // After P_{j-1}.V_{j-1} completed. PROMOTE: o (on the max of tile j-2) moves to tile j-1's max
-  // and takes the tile's partial sum in one FMA, o = o * alpha_{j-1} + pv (pa holds alpha_{j-1});
-  // else the wgmma accumulated into o, which moves to tile j's max, o *= alpha_j.
+  // After P_{j-1}.V_{j-1} completed: o (on the max of tile j-2) moves to tile j-1's max and takes
+  // the tile's partial sum in one FMA, o = o * alpha_{j-1} + pv (pa holds alpha_{j-1}).
   float pa0 = 0.f, pa1 = 0.f;
   auto rescale = [&]() {
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      if (S2V_FA8_PROMOTE) {
-        o[4 * i] = fmaf(o[4 * i], pa0, pv[4 * i]);
-        o[4 * i + 1] = fmaf(o[4 * i + 1], pa0, pv[4 * i + 1]);
-        o[4 * i + 2] = fmaf(o[4 * i + 2], pa1, pv[4 * i + 2]);
-        o[4 * i + 3] = fmaf(o[4 * i + 3], pa1, pv[4 * i + 3]);
-      } else {
-        o[4 * i] *= alpha0;
-        o[4 * i + 1] *= alpha0;
-        o[4 * i + 2] *= alpha1;
-        o[4 * i + 3] *= alpha1;
-      }
+      o[4 * i] = fmaf(o[4 * i], pa0, pv[4 * i]);
+      o[4 * i + 1] = fmaf(o[4 * i + 1], pa0, pv[4 * i + 1]);
+      o[4 * i + 2] = fmaf(o[4 * i + 2], pa1, pv[4 * i + 2]);
+      o[4 * i + 3] = fmaf(o[4 * i + 3], pa1, pv[4 * i + 3]);
     }
   };
 
-  // Optional FA3 ping-pong: the consumer warpgroups take turns issuing GEMMs (named barriers 1, 2).
-  auto take_turn = [&]() {
-    if (S2V_FA8_PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(warpgroup) : "memory");
-  };
-  auto pass_turn = [&](bool last) {
-    if (S2V_FA8_PINGPONG && !(last && warpgroup == 2))
-      asm volatile("bar.arrive %0, 256;" ::"r"(3 - warpgroup) : "memory");
-  };
-  if (S2V_FA8_PINGPONG && warpgroup == 2) asm volatile("bar.arrive 1, 256;" ::: "memory");
-
-  mbar_wait(bar_q, 0);
-  mbar_wait(bar_k_full(0), 0);
-  take_turn();
+  mbar_wait(bar.q(), 0);
+  mbar_wait(bar.k_full(0), 0);
   issue_qk(0);
-  pass_turn(false);
   wgmma_wait<0>();
   reg_fence(s);
   if (n_tiles == 1 && tail_keys < kBN)
     softmax(std::true_type{}, 0, tail_keys);
   else
     softmax(std::false_type{}, 0, kBN);
-  mbar_arrive(bar_k_empty(0));
+  mbar_arrive(bar.k_empty(0));
   pack_p();
 
   for (int j = 1; j < n_tiles; ++j) {
     const int sk = j % kStages8, sv = (j - 1) % kStages8;
-    mbar_wait(bar_k_full(sk), (j / kStages8) & 1);
-    mbar_wait(bar_v_full(sv), ((j - 1) / kStages8) & 1);
-    take_turn();
-    issue_qk(sk);
+    mbar_wait(bar.k_full(sk), (j / kStages8) & 1);
+    mbar_wait(bar.v_full(sv), ((j - 1) / kStages8) & 1);
+      issue_qk(sk);
     issue_pv(sv);
-    pass_turn(false);
-    wgmma_wait<1>();
+      wgmma_wait<1>();
     reg_fence(s);
     pa0 = alpha0;  // alpha of tile j-1, whose P.V is in flight
     pa1 = alpha1;
@@ -313,40 +266,27 @@ __global__ void __launch_bounds__(kThreads8, 1)
       softmax(std::true_type{}, sk, tail_keys);
     else
       softmax(std::false_type{}, sk, kBN);
-    mbar_arrive(bar_k_empty(sk));  // after the softmax: it read this stage's ks
+    mbar_arrive(bar.k_empty(sk));  // after the softmax: it read this stage's ks
     wgmma_wait<0>();
-    if (S2V_FA8_PROMOTE) reg_fence(pv); else reg_fence(o);
-    mbar_arrive(bar_v_empty(sv));
+    reg_fence(pv);
+    mbar_arrive(bar.v_empty(sv));
     rescale();
     pack_p();
   }
   {
     const int sv = (n_tiles - 1) % kStages8;
-    mbar_wait(bar_v_full(sv), ((n_tiles - 1) / kStages8) & 1);
-    take_turn();
-    issue_pv(sv);
-    pass_turn(true);
+    mbar_wait(bar.v_full(sv), ((n_tiles - 1) / kStages8) & 1);
+      issue_pv(sv);
     wgmma_wait<0>();
-    if (S2V_FA8_PROMOTE) {
-      reg_fence(pv);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        o[4 * i] = fmaf(o[4 * i], alpha0, pv[4 * i]);
-        o[4 * i + 1] = fmaf(o[4 * i + 1], alpha0, pv[4 * i + 1]);
-        o[4 * i + 2] = fmaf(o[4 * i + 2], alpha1, pv[4 * i + 2]);
-        o[4 * i + 3] = fmaf(o[4 * i + 3], alpha1, pv[4 * i + 3]);
-      }
-    } else {
-      reg_fence(o);
-    }
-    mbar_arrive(bar_v_empty(sv));
+    reg_fence(pv);
+    pa0 = alpha0;  // alpha of the last tile
+    pa1 = alpha1;
+    rescale();
+    mbar_arrive(bar.v_empty(sv));
   }
 
   // ---- epilogue: o / l * vs[channel] -> bf16 (rows past Lq are not written)
-  l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-  l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-  l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+  quad_sum2(l0, l1);
   const float inv0 = 1.f / l0, inv1 = 1.f / l1;
   const int b = bh / prm.heads, h = bh % prm.heads;
   const float* vs = prm.vs + (int64_t)bh * kD + 2 * quad;
@@ -361,18 +301,6 @@ __global__ void __launch_bounds__(kThreads8, 1)
       *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(r + 8) * prm.o_sl + 8 * i) =
           __floats2bfloat162_rn(o[4 * i + 2] * inv1 * v2.x, o[4 * i + 3] * inv1 * v2.y);
   }
-}
-
-int encode(CUtensorMap* map, CUtensorMapDataType type, int rank, const void* ptr,
-           const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
-           CUtensorMapSwizzle swizzle) {
-  EncodeTiledFn fn = encode_fn();
-  if (fn == nullptr) return 2;
-  cuuint32_t elem[3] = {1, 1, 1};
-  CUresult r = fn(map, type, rank, const_cast<void*>(ptr), dims, strides, box, elem,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? 0 : 3;
 }
 
 }  // namespace
@@ -398,13 +326,13 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
   const cuuint64_t v_dims[3] = {(cuuint64_t)lp, kD, (cuuint64_t)bh};
   const cuuint64_t v_str[2] = {(cuuint64_t)lp, (cuuint64_t)lp * kD};
   const cuuint32_t v_box[3] = {kBN, kD, 1};
-  int err = encode(&qm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, q8, q_dims, q_str, q_box,
+  int err = encode_tiled(&qm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, q8, q_dims, q_str, q_box,
                    CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!err) err = encode(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, k8, k_dims, k_str, k_box,
+  if (!err) err = encode_tiled(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, k8, k_dims, k_str, k_box,
                          CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!err) err = encode(&ksm, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, ks, ks_dims, ks_str, ks_box,
+  if (!err) err = encode_tiled(&ksm, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, ks, ks_dims, ks_str, ks_box,
                          CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (!err) err = encode(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, vt, v_dims, v_str, v_box,
+  if (!err) err = encode_tiled(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, vt, v_dims, v_str, v_box,
                          CU_TENSOR_MAP_SWIZZLE_128B);
   if (err) return err;
   Params8 prm;

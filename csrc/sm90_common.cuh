@@ -1,6 +1,7 @@
 // Shared pieces of the sm_90a attention kernels (flash_attention_sm90.cu, fp8_attention_sm90.cu):
-// PTX wrappers for mbarriers, TMA loads, wgmma descriptors and fences, and the driver's
-// tensor-map encoder. Everything is internal to each including translation unit.
+// PTX wrappers for mbarriers, TMA loads, wgmma descriptors and fences, the barriers of the K/V
+// ring, quad reductions, and the driver's tensor-map encoder. Everything is internal to each
+// including translation unit.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -93,6 +94,44 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// The mbarriers of a Q tile and a kStages-deep K/V ring (8 bytes each, from `base`): one producer
+// thread fills a stage (expect_tx + TMA), the 256 consumer threads release it.
+template <int kStages>
+struct KVBarriers {
+  uint32_t base;
+  __device__ __forceinline__ uint32_t q() const { return base; }
+  __device__ __forceinline__ uint32_t k_full(int s) const { return base + 8 * (1 + s); }
+  __device__ __forceinline__ uint32_t v_full(int s) const { return base + 8 * (1 + kStages + s); }
+  __device__ __forceinline__ uint32_t k_empty(int s) const { return base + 8 * (1 + 2 * kStages + s); }
+  __device__ __forceinline__ uint32_t v_empty(int s) const { return base + 8 * (1 + 3 * kStages + s); }
+  __device__ __forceinline__ void init() const {  // by one thread, then __syncthreads()
+    mbar_init(q(), 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), 256);
+      mbar_init(v_empty(s), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+};
+
+// Max / sum over the 4 lanes of a quad (the threads holding one row of an accumulator fragment),
+// for the thread's two rows at once.
+__device__ __forceinline__ void quad_max2(float& a, float& b) {
+  a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 1));
+  b = fmaxf(b, __shfl_xor_sync(0xffffffff, b, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffff, a, 2));
+  b = fmaxf(b, __shfl_xor_sync(0xffffffff, b, 2));
+}
+
+__device__ __forceinline__ void quad_sum2(float& a, float& b) {
+  a += __shfl_xor_sync(0xffffffff, a, 1);
+  b += __shfl_xor_sync(0xffffffff, b, 1);
+  a += __shfl_xor_sync(0xffffffff, a, 2);
+  b += __shfl_xor_sync(0xffffffff, b, 2);
+}
+
 // ---------------------------------------------------------------- host side
 typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -110,6 +149,20 @@ EncodeTiledFn encode_fn() {
       fn = reinterpret_cast<EncodeTiledFn>(ptr);
   }
   return fn;
+}
+
+// A tiled tensor map (no interleave, L2 promotion 256 B, out-of-bounds reads as zero).
+// Returns 0, 2 (no cuTensorMapEncodeTiled in the driver) or 3 (encoding refused: alignment).
+int encode_tiled(CUtensorMap* map, CUtensorMapDataType type, int rank, const void* ptr,
+                 const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                 CUtensorMapSwizzle swizzle) {
+  EncodeTiledFn fn = encode_fn();
+  if (fn == nullptr) return 2;
+  const cuuint32_t elem[5] = {1, 1, 1, 1, 1};
+  CUresult r = fn(map, type, rank, const_cast<void*>(ptr), dims, strides, box, elem,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : 3;
 }
 
 }  // namespace

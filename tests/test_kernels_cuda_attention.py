@@ -158,15 +158,6 @@ def test_build_caches_and_reports_nvcc_errors(tmp_path, monkeypatch):
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]
 
 
-@needs_kernel
-@pytest.mark.gpu
-@pytest.mark.parametrize("idx", range(len(ca.CUDA_CONFIGS)))
-def test_every_config(idx):
-    q, k, v = make(2, 390, 401, 2, seed=idx)
-    out = ca.cuda_attention(q, k, v, config=ca.CUDA_CONFIGS[idx])
-    assert (out.double() - attention_reference(q, k, v).double()).abs().max().item() <= TOL
-
-
 # --------------------------------------------------------------------- FP8 kernel
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
@@ -226,17 +217,6 @@ def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H):
 
 @needs_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("idx", range(len(ca.FP8_CONFIGS)))
-def test_fp8_every_config(idx):
-    q, k, v = fa8.make_realistic_qkv(1, 1000, 4, 128, 1500, seed=idx, device="cuda")
-    got = ca.cuda_fp8_attention(q, k, v, config=ca.FP8_CONFIGS[idx])
-    emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32)
-    # PROMOTE=0 accumulates all tiles in the fp8 wgmma (about 14-bit accumulator): looser
-    assert fg.accuracy(got, emu)["rel_l2"] <= (1e-2 if ca.FP8_CONFIGS[idx]["PROMOTE"] else 3e-2)
-
-
-@needs_kernel
-@pytest.mark.gpu
 def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
     q, k, v = fa8.make_realistic_qkv(1, 4096, 2, 128, seed=1, device="cuda")
     assert fa8.cuda_fp8_usable(q, k, v)
@@ -251,7 +231,7 @@ def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
 def test_failed_build_is_not_retried(tmp_path, monkeypatch):
     calls = []
 
-    def failing_build(config=None, kernel="bf16"):
+    def failing_build(kernel="bf16"):
         calls.append(kernel)
         raise RuntimeError("nvcc failed to build flash_attention_sm90.cu: boom")
 
@@ -260,5 +240,5 @@ def test_failed_build_is_not_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(ca, "_libs", {})
     for _ in range(2):
         with pytest.raises(RuntimeError, match="boom"):
-            ca._load("bf16", {"BLOCK_N": 999})
+            ca._load("bf16")
     assert calls == ["bf16"]

@@ -42,34 +42,12 @@ KERNELS = {
 NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-use_fast_math",
               "-shared", "-Xcompiler", "-fPIC")
 HEAD_DIM = 128
-# Compile-time variants (-D flags): keys per tile, and FA3 ping-pong between the two consumer
-# warpgroups. Entry 0 is what the backend runs; the others are kept for the per-config benchmark
-# (bench/bench_attention_configs.py) and the GPU tests.
-# H100 (results/attention_configs_cuda*-*): 176 keys without ping-pong 659 / 649 TFLOP/s at 32,760 /
-# 79,200 tokens; with ping-pong 655 / 640; 128 keys 579-588 / 634-639 (cuDNN 585 / 565); 192 keys
-# 647 at 79,200 against 644 for 176 in the same run (no gain).
-CUDA_CONFIGS = [
-    dict(BLOCK_N=176, PINGPONG=0),
-    dict(BLOCK_N=176, PINGPONG=1),
-    dict(BLOCK_N=128, PINGPONG=0),
-    dict(BLOCK_N=128, PINGPONG=1),
-    dict(BLOCK_N=192, PINGPONG=0),  # 230 KB of shared memory: the most that fits two stages
-]
-# FP8 kernel: shared-memory stages of the K/V ring; PROMOTE: each tile's P.V in fresh registers
-# added in fp32 (0: accumulated in the wgmma: 18-29 % error on the H100, kept to show why);
-# PINGPONG as above.
-FP8_CONFIGS = [
-    dict(STAGES=2, PROMOTE=1, PINGPONG=0),
-    dict(STAGES=2, PROMOTE=1, PINGPONG=1),
-    dict(STAGES=3, PROMOTE=1, PINGPONG=0),
-    dict(STAGES=2, PROMOTE=0, PINGPONG=0),
-]
 _ERRORS = {1: "bad arguments (sizes or strides not multiples of 8 elements)",
            2: "the driver has no cuTensorMapEncodeTiled", 3: "tensor-map encoding failed",
            4: "kernel launch failed"}
 
 _libs: dict = {}
-_failed: dict = {}  # (kernel, config) -> why its build or load failed (not retried)
+_failed: dict = {}  # kernel -> why its build or load failed (not retried)
 _lock = threading.Lock()
 
 
@@ -113,34 +91,24 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _defines(kernel: str, config: dict) -> list:
-    prefix = "S2V_FA8_" if kernel == "fp8" else "S2V_FA_"
-    return [f"-D{prefix}{name}={int(value)}" for name, value in sorted(config.items())]
-
-
-def _default_config(kernel: str) -> dict:
-    return (FP8_CONFIGS if kernel == "fp8" else CUDA_CONFIGS)[0]
-
-
-def build(config: Optional[dict] = None, kernel: str = "bf16") -> Path:
-    """Compile ``kernel``'s library for ``config`` (default: its first config) once per source
-    (with the shared header), flags and nvcc version, and return its path."""
+def build(kernel: str = "bf16") -> Path:
+    """Compile ``kernel``'s library once per source (with the shared header), flags and nvcc
+    version, and return its path."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError(unavailable_reason() or "nvcc not found")
-    flags = [*NVCC_FLAGS, *_defines(kernel, config or _default_config(kernel))]
     src = source_path(kernel)
     header = src.parent / "sm90_common.cuh"
     src_bytes = src.read_bytes() + (header.read_bytes() if header.is_file() else b"")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src_bytes + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src_bytes + " ".join(NVCC_FLAGS).encode() + version.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{src.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [nvcc, *flags, str(src), "-o", tmp]
+    cmd = [nvcc, *NVCC_FLAGS, str(src), "-o", tmp]
     print(f"s2v_fast: building {src.name} with nvcc (first use; cached in {lib.parent})",
           file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -151,22 +119,21 @@ def build(config: Optional[dict] = None, kernel: str = "bf16") -> Path:
     return lib
 
 
-def _load(kernel: str, config: dict):
-    key = (kernel,) + tuple(sorted(config.items()))
+def _load(kernel: str):
     with _lock:
-        if key in _failed:
-            raise RuntimeError(_failed[key])
-        if key not in _libs:
+        if kernel in _failed:
+            raise RuntimeError(_failed[kernel])
+        if kernel not in _libs:
             _, symbol, argtypes = KERNELS[kernel]
             try:
-                fn = getattr(ctypes.CDLL(str(build(config, kernel))), symbol)
+                fn = getattr(ctypes.CDLL(str(build(kernel))), symbol)
             except (OSError, RuntimeError, AttributeError) as e:
-                _failed[key] = str(e)
+                _failed[kernel] = str(e)
                 raise RuntimeError(str(e)) from e
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
-            _libs[key] = fn
-    return _libs[key]
+            _libs[kernel] = fn
+    return _libs[kernel]
 
 
 def _check(err: int, what: str) -> None:
@@ -190,10 +157,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   softmax_scale: Optional[float] = None, *, config: Optional[dict] = None) -> torch.Tensor:
+                   softmax_scale: Optional[float] = None) -> torch.Tensor:
     """q [B, Lq, H, 128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> [B, Lq, H, 128] bf16.
 
-    Other inputs are computed by cuDNN SDPA (same contract). ``config``: a CUDA_CONFIGS entry."""
+    Other inputs are computed by cuDNN SDPA (same contract)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -201,7 +168,7 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .attention import _BACKENDS
 
         return _BACKENDS["cudnn"](q, k, v) if softmax_scale is None else _sdpa_scaled(q, k, v, scale)
-    fn = _load("bf16", config or CUDA_CONFIGS[0])
+    fn = _load("bf16")
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with torch.cuda.device(q.device):
@@ -213,7 +180,7 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       softmax_scale: Optional[float] = None, *, config: Optional[dict] = None,
+                       softmax_scale: Optional[float] = None, *,
                        quantized: Optional[dict] = None) -> torch.Tensor:
     """FP8 attention (``fp8_attention``'s numerics, P.V in fp8) with the CUDA kernel: q [B, Lq, H,
     128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``quantized``: the output of
@@ -229,7 +196,7 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                                   use_kernels=True, k_perm32=True)
     if qz.get("Lkp", 0) % 32:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
-    fn = _load("fp8", config or FP8_CONFIGS[0])
+    fn = _load("fp8")
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
     strides = (ctypes.c_longlong * 3)(*out.stride()[:3])
     with torch.cuda.device(q.device):
