@@ -1,9 +1,9 @@
 """Every tuning entry of our two attention kernels, timed one by one (not just the tuner's winner).
 
-For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16),
-``cuda_attention.CUDA_CONFIGS`` (bf16, CUDA C++; when nvcc and an sm_90 GPU are there) and
-``fp8_attention.FP8_CONFIGS`` (fp8 e4m3, P.V in fp8), one self-attention over [1, L, 40, 128]
-(the 14B's heads), next to cuDNN SDPA on the same inputs:
+For each token count and each entry of ``flash_attention.FLASH_CONFIGS`` (bf16) and
+``fp8_attention.FP8_CONFIGS`` (fp8 e4m3, P.V in fp8), plus the CUDA C++ kernels of
+``cuda_attention`` (bf16 and fp8; when nvcc and an sm_90 GPU are there), one self-attention over
+[1, L, 40, 128] (the 14B's heads), next to cuDNN SDPA on the same inputs:
 
 * bf16: random q/k/v (views of one QKV buffer, as in the model); the row reports TFLOP/s and the
   max abs difference to cuDNN's output;
@@ -53,51 +53,62 @@ def _time(fn, args):
     return time_ms(fn, args.warmup, args.iters)["median_ms"]
 
 
+def _maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _measure(row, run, check, args, quant_ms=None):
+    """Run once and add ``check(output)`` to the row, then time ``run``: TFLOP/s of the call, or
+    for fp8 (``quant_ms`` given) of the kernel alone and with the quantisation pass. An entry that
+    fails (e.g. does not compile here) records its error, as the tuners skip it."""
+    try:
+        row.update(check(run()))
+        ms = _time(run, args)
+        flops = _flops(row["tokens"], row["keys"])
+        if quant_ms is None:
+            row.update(median_ms=ms, TFLOPs=flops / ms / 1e9)
+        else:
+            row.update(kernel_ms=ms, kernel_TFLOPs=flops / ms / 1e9, median_ms=ms + quant_ms,
+                       TFLOPs=flops / (ms + quant_ms) / 1e9)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    print(row, flush=True)
+    return row
+
+
+def _cuda_kernels_here(dev) -> bool:
+    return dev == "cuda" and ca.unavailable_reason() is None
+
+
 def sweep_bf16(L, args, dev):
     torch.manual_seed(L)
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     qkv = torch.randn(1, L, 3, H, D, device=dev).to(dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     rows = []
-    ref = None
     if dev == "cuda":
         cudnn = attn_registry._BACKENDS["cudnn"]
         ref = cudnn(q, k, v)
         ms = _time(lambda: cudnn(q, k, v), args)
         rows.append(_row(f"attention_cudnn_{L}", L, backend="cudnn", median_ms=ms,
                          TFLOPs=_flops(L, L) / ms / 1e9))
+    else:
+        ref = fa.attention_reference(q, k, v)
+    vs_ref = lambda got: dict(max_abs_diff_vs_reference=_maxdiff(got, ref))  # noqa: E731
     out = torch.empty_like(q)
     for i, cfg in enumerate(fa.FLASH_CONFIGS if args.only != "cuda" else []):
         row = _row(f"attention_triton_cfg{i}_{L}", L, backend="triton", config_index=i, config=repr(cfg))
-        try:
-            fa.triton_attention(q, k, v, out=out, config=cfg)
-            if ref is None:
-                ref = fa.attention_reference(q, k, v)
-            row["max_abs_diff_vs_reference"] = (out.float() - ref.float()).abs().max().item()
-            ms = _time(lambda: fa.triton_attention(q, k, v, out=out, config=cfg), args)
-            row.update(median_ms=ms, TFLOPs=_flops(L, L) / ms / 1e9)
-        except Exception as e:  # an entry this triton/GPU cannot compile is skipped by the tuner too
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print(row, flush=True)
-    if dev == "cuda" and ca.unavailable_reason() is None:
-        for i, cfg in enumerate(ca.CUDA_CONFIGS):
-            row = _row(f"attention_cuda_cfg{i}_{L}", L, backend="cuda", config_index=i, config=repr(cfg))
-            try:
-                got = ca.cuda_attention(q, k, v, config=cfg)
-                row["max_abs_diff_vs_reference"] = (got.float() - ref.float()).abs().max().item()
-                ms = _time(lambda: ca.cuda_attention(q, k, v, config=cfg), args)
-                row.update(median_ms=ms, TFLOPs=_flops(L, L) / ms / 1e9)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print(row, flush=True)
+        rows.append(_measure(row, lambda: fa.triton_attention(q, k, v, out=out, config=cfg), vs_ref, args))
+    if _cuda_kernels_here(dev):
+        row = _row(f"attention_cuda_{L}", L, backend="cuda")
+        rows.append(_measure(row, lambda: ca.cuda_attention(q, k, v), vs_ref, args))
     return rows
 
 
 def _accuracy_vs_fp32(out, q, k, v, stride=64):
     """rel L2 / cosine of every stride-th query row against fp32 attention (all keys)."""
-    return fa8.accuracy(out[:, ::stride], fa8.attention_fp32(q[:, ::stride], k, v))
+    acc = fa8.accuracy(out[:, ::stride], fa8.attention_fp32(q[:, ::stride], k, v))
+    return {f"{name}_vs_fp32": value for name, value in acc.items()}
 
 
 def sweep_fp8(L, args, dev):
@@ -106,42 +117,28 @@ def sweep_fp8(L, args, dev):
     scale = 1.0 / math.sqrt(D)
     qz = fa8.quantize_qkv(q, k, v, scale, "fp8")
     qms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8"), args)
-    rows, first = [], None
+    rows, first = [], []
     out = torch.empty_like(q)
+
+    def vs_first(got):  # the first entry that ran: its accuracy; the others: agreement with it
+        if not first:
+            first.append(got.clone())
+            return dict(_accuracy_vs_fp32(got, q, k, v), max_abs_diff_vs_first=0.0)
+        return dict(max_abs_diff_vs_first=_maxdiff(got, first[0]))
+
     for i, cfg in enumerate(fa8.FP8_CONFIGS if args.only != "cuda" else []):
         row = _row(f"attention_fp8_cfg{i}_{L}", L, backend="fp8", pv="fp8", config_index=i,
                    config=repr(cfg), quant_ms=qms)
-        try:
-            fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz)
-            if first is None:
-                first = out.clone()
-                row.update({f"{k_}_vs_fp32": v_ for k_, v_ in _accuracy_vs_fp32(out, q, k, v).items()})
-            row["max_abs_diff_vs_first"] = (out.float() - first.float()).abs().max().item()
-            kms = _time(lambda: fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz), args)
-            row.update(kernel_ms=kms, kernel_TFLOPs=_flops(L, L) / kms / 1e9, median_ms=kms + qms,
-                       TFLOPs=_flops(L, L) / (kms + qms) / 1e9)
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print(row, flush=True)
-    if dev == "cuda" and ca.unavailable_reason() is None:
+        run = lambda: fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz)  # noqa: E731
+        rows.append(_measure(row, run, vs_first, args, quant_ms=qms))
+    if _cuda_kernels_here(dev):  # its own quantisation layout (k_perm32), timed with it
         qzp = fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True)
         pms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True), args)
-        for i, cfg in enumerate(ca.FP8_CONFIGS):
-            row = _row(f"attention_cuda_fp8_cfg{i}_{L}", L, backend="cuda_fp8", pv="fp8",
-                       config_index=i, config=repr(cfg), quant_ms=pms)
-            try:
-                got = ca.cuda_fp8_attention(q, k, v, config=cfg, quantized=qzp)
-                row.update({f"{k_}_vs_fp32": v_ for k_, v_ in _accuracy_vs_fp32(got, q, k, v).items()})
-                if first is not None:
-                    row["max_abs_diff_vs_triton_fp8"] = (got.float() - first.float()).abs().max().item()
-                kms = _time(lambda: ca.cuda_fp8_attention(q, k, v, config=cfg, quantized=qzp), args)
-                row.update(kernel_ms=kms, kernel_TFLOPs=_flops(L, L) / kms / 1e9, median_ms=kms + pms,
-                           TFLOPs=_flops(L, L) / (kms + pms) / 1e9)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print(row, flush=True)
+        row = _row(f"attention_cuda_fp8_{L}", L, backend="cuda_fp8", pv="fp8", quant_ms=pms)
+        check = lambda got: dict(_accuracy_vs_fp32(got, q, k, v),  # noqa: E731
+                                 **({"max_abs_diff_vs_triton_fp8": _maxdiff(got, first[0])} if first else {}))
+        rows.append(_measure(row, lambda: ca.cuda_fp8_attention(q, k, v, quantized=qzp), check, args,
+                             quant_ms=pms))
     return rows
 
 
@@ -150,7 +147,7 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="*", default=[32760, 79200])
     ap.add_argument("--only", choices=("bf16", "cuda", "fp8"), default=None,
                     help="bf16: Triton + CUDA bf16 entries; fp8: Triton + CUDA fp8 entries; cuda: the CUDA "
-                         "entries only (with cuDNN)")
+                         "kernels only (with cuDNN)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter plumbing check on a tiny shape (no JSON)")

@@ -15,3 +15,35 @@ def test_attention_configs_smoke(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("attention_")]
     assert len(rows) == 4 and all("ms" in line and "error" not in line for line in rows), r.stdout[-2000:]
     assert not os.listdir(tmp_path)  # --smoke writes no results file
+
+
+def test_cuda_rows_plumbing(monkeypatch):
+    """The CUDA-kernel rows (GPU-only) with the kernels stood in by their torch references: one bf16
+    and one fp8 row, timed, with their accuracy fields."""
+    import argparse
+    import importlib
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    bench = importlib.import_module("bench_attention_configs")
+    ca, fa, fa8 = bench.ca, bench.fa, bench.fa8
+    monkeypatch.setattr(bench, "H", 2)
+    monkeypatch.setattr(bench, "D", 64)
+    monkeypatch.setattr(bench, "_cuda_kernels_here", lambda dev: True)
+    monkeypatch.setattr(ca, "cuda_attention", lambda q, k, v: fa.attention_reference(q, k, v))
+    seen = {}
+
+    def fp8_stand_in(q, k, v, quantized):
+        seen["Lkp"] = quantized["Lkp"]
+        return fa8.fp8_attention_reference(q, k, v, pv="fp8")
+
+    monkeypatch.setattr(ca, "cuda_fp8_attention", fp8_stand_in)
+    args = argparse.Namespace(only="cuda", warmup=0, iters=1)
+    rows = bench.sweep_bf16(96, args, "cpu") + bench.sweep_fp8(96, args, "cpu")
+    by_name = {r["name"]: r for r in rows}
+    assert set(by_name) == {"attention_cuda_96", "attention_cuda_fp8_96"}
+    assert by_name["attention_cuda_96"]["max_abs_diff_vs_reference"] == 0.0
+    fp8_row = by_name["attention_cuda_fp8_96"]
+    # the fp8 emulation on this tiny random draw (96 tokens, head dim 64) measured 5.2% vs fp32
+    assert seen["Lkp"] == 96 and 0 < fp8_row["rel_l2_vs_fp32"] < 0.1
+    assert all(r["median_ms"] > 0 and "error" not in r for r in rows)
+    assert fp8_row["TFLOPs"] < fp8_row["kernel_TFLOPs"]  # the quantisation pass is included
