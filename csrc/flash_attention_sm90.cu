@@ -213,9 +213,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int sk = j % kStages, sv = (j - 1) % kStages;
     mbar_wait(bar.k_full(sk), (j / kStages) & 1);
     mbar_wait(bar.v_full(sv), ((j - 1) / kStages) & 1);
-      issue_qk(sk);
+    issue_qk(sk);
     issue_pv(sv);
-      wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
+    wgmma_wait<1>();  // S_j is ready; P_{j-1}.V_{j-1} may still run
     reg_fence(s);
     mbar_arrive(bar.k_empty(sk));
     if (j == n_tiles - 1 && tail_cols < kBlockN)
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   {
     const int sv = (n_tiles - 1) % kStages;
     mbar_wait(bar.v_full(sv), ((n_tiles - 1) / kStages) & 1);
-      issue_pv(sv);
+    issue_pv(sv);
     wgmma_wait<0>();
     reg_fence(o);
     mbar_arrive(bar.v_empty(sv));

@@ -256,9 +256,9 @@ __global__ void __launch_bounds__(kThreads8, 1)
     const int sk = j % kStages8, sv = (j - 1) % kStages8;
     mbar_wait(bar.k_full(sk), (j / kStages8) & 1);
     mbar_wait(bar.v_full(sv), ((j - 1) / kStages8) & 1);
-      issue_qk(sk);
+    issue_qk(sk);
     issue_pv(sv);
-      wgmma_wait<1>();
+    wgmma_wait<1>();
     reg_fence(s);
     pa0 = alpha0;  // alpha of tile j-1, whose P.V is in flight
     pa1 = alpha1;
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
   {
     const int sv = (n_tiles - 1) % kStages8;
     mbar_wait(bar.v_full(sv), ((n_tiles - 1) / kStages8) & 1);
-      issue_pv(sv);
+    issue_pv(sv);
     wgmma_wait<0>();
     reg_fence(pv);
     pa0 = alpha0;  // alpha of the last tile
