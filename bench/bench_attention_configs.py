@@ -131,10 +131,11 @@ def sweep_fp8(L, args, dev):
                    config=repr(cfg), quant_ms=qms)
         run = lambda: fa8.fp8_attention(q, k, v, pv="fp8", out=out, config=cfg, quantized=qz)  # noqa: E731
         rows.append(_measure(row, run, vs_first, args, quant_ms=qms))
-    if _cuda_kernels_here(dev):  # its own quantisation layout (k_perm32), timed with it
-        qzp = fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True)
-        pms = _time(lambda: fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True), args)
-        row = _row(f"attention_cuda_fp8_{L}", L, backend="cuda_fp8", pv="fp8", quant_ms=pms)
+    # the CUDA kernel: its own quantisation layout (k_perm32), timed with it; both K scale modes
+    for ks in (fa8.K_SCALES if _cuda_kernels_here(dev) else ()):
+        quant = lambda: fa8.quantize_qkv(q, k, v, scale, "fp8", k_perm32=True, k_scale=ks)  # noqa: E731
+        qzp, pms = quant(), _time(quant, args)
+        row = _row(f"attention_cuda_fp8_{ks}_{L}", L, backend="cuda_fp8", pv="fp8", k_scale=ks, quant_ms=pms)
         check = lambda got: dict(_accuracy_vs_fp32(got, q, k, v),  # noqa: E731
                                  **({"max_abs_diff_vs_triton_fp8": _maxdiff(got, first[0])} if first else {}))
         rows.append(_measure(row, lambda: ca.cuda_fp8_attention(q, k, v, quantized=qzp), check, args,

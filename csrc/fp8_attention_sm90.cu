@@ -2,9 +2,15 @@
 // the numerics of s2v_fast/kernels/fp8_attention.py (its torch emulation is the reference).
 //
 // Inputs come from fp8_attention.quantize_qkv(..., k_perm32=True):
-//   q8 [BH, Lq, 128] e4m3, qs [BH, Lq] fp32 (per token; softmax scale * log2 e folded in)
-//   k8 [BH, Lkp, 128] e4m3 of k - mean_k, ks [BH, Lkp] fp32 (per token), Lkp = Lk padded to 32,
-//      keys stored permuted inside each group of 32 (see kPermNote below)
+//   q8 [BH, Lq, 128] e4m3, qs [BH, Lq] fp32 (per token; softmax scale * log2 e * k_pow folded in)
+//   k8 [BH, Lkp, 128] e4m3 of k - mean_k, Lkp = Lk padded to 32, keys stored permuted inside each
+//      group of 32 (see kPermNote below)
+//   ks [BH, Lks] fp16 per key (relative to the head's power of two k_pow), Lks = Lk padded to 128,
+//      in the order of fp8_attention.ks_cuda_index: thread t of a quad finds the 32 scales of its
+//      score columns in 64 contiguous bytes, loaded (four 16-byte loads) while QK^T runs.
+//      ks == nullptr (k_scale "channel": K per channel, the channel scales taken on by q): the
+//      instantiation kKeyScale = false, which skips the scales' loads and multiplies; on the H100
+//      that is 25-30% faster (bench/NOTES.md section 14)
 //   vt [BH, 128, Lp] e4m3 (per channel, keys contiguous, Lp = Lk padded to 16), vs [BH, 128]
 //
 //   s = (q8 . k8) * ks[key];  m = running max of s * qs;  p = exp2(s * qs - m + log2 448)
@@ -23,6 +29,8 @@
 // 9+2t (and +16). Storing K's rows (and ks) permuted within each group of 32 -- storage row
 // n = 16h + 8c + 2t + b holds key 16h + 4t + 2c + b -- makes the score fragment the P operand
 // with no shuffles; V stays in key order.
+#include <cuda_fp16.h>
+
 #include <type_traits>
 
 #include "sm90_common.cuh"
@@ -36,9 +44,9 @@ constexpr int kStages8 = 2;
 constexpr int kQ8Bytes = kBM * kD;       // 16 KB
 constexpr int kK8Bytes = kBN * kD;       // 16 KB
 constexpr int kV8Bytes = kD * kBN;       // 16 KB (vt tile: 128 channels x 128 keys)
-constexpr int kKsBytes = kBN * 4;
+constexpr int kKsBytes = kBN * 2;        // fp16 key scales of one tile
 constexpr int kThreads8 = 384;
-constexpr int kSmem8 = kQ8Bytes + kStages8 * (kK8Bytes + kV8Bytes + 1024) + 1024 + 256;
+constexpr int kSmem8 = kQ8Bytes + kStages8 * (kK8Bytes + kV8Bytes + kKsBytes) + 1024 + 256;
 constexpr float kLog2Fp8Max = 8.807354922057604f;  // log2(448)
 
 // D[64x128] (+)= A[64x32] * B[32x128], e4m3 inputs, fp32 accumulate; A and B from shared memory
@@ -87,6 +95,7 @@ struct Params8 {
   int lq, lk, heads;
 };
 
+template <bool kKeyScale>
 __global__ void __launch_bounds__(kThreads8, 1)
     fp8_fwd_sm90(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                  const __grid_constant__ CUtensorMap ks_map, const __grid_constant__ CUtensorMap v_map,
@@ -96,8 +105,8 @@ __global__ void __launch_bounds__(kThreads8, 1)
   const uint32_t q_smem = base;
   const uint32_t k_smem = q_smem + kQ8Bytes;                // + stage * kK8Bytes
   const uint32_t v_smem = k_smem + kStages8 * kK8Bytes;     // + stage * kV8Bytes
-  const uint32_t ks_smem = v_smem + kStages8 * kV8Bytes;    // + stage * 1024
-  const KVBarriers<kStages8> bar{ks_smem + kStages8 * 1024};
+  const uint32_t ks_smem = v_smem + kStages8 * kV8Bytes;    // + stage * kKsBytes
+  const KVBarriers<kStages8> bar{ks_smem + kStages8 * kKsBytes};
   const uint8_t* ks_generic = smem_raw + (ks_smem - smem_addr(smem_raw));
 
   const int m_block = blockIdx.x, bh = blockIdx.y;
@@ -116,9 +125,9 @@ __global__ void __launch_bounds__(kThreads8, 1)
         const int s = j % kStages8;
         const uint32_t phase = (j / kStages8) & 1;
         mbar_wait(bar.k_empty(s), phase ^ 1);
-        mbar_expect_tx(bar.k_full(s), kK8Bytes + kKsBytes);
+        mbar_expect_tx(bar.k_full(s), kK8Bytes + (kKeyScale ? kKsBytes : 0));
         tma_load_3d(k_smem + s * kK8Bytes, &k_map, bar.k_full(s), 0, j * kBN, bh);
-        tma_load_2d(ks_smem + s * 1024, &ks_map, bar.k_full(s), j * kBN, bh);
+        if constexpr (kKeyScale) tma_load_2d(ks_smem + s * kKsBytes, &ks_map, bar.k_full(s), j * kBN, bh);
         mbar_wait(bar.v_empty(s), phase ^ 1);
         mbar_expect_tx(bar.v_full(s), kV8Bytes);
         tma_load_3d(v_smem + s * kV8Bytes, &v_map, bar.v_full(s), j * kBN, 0, bh);
@@ -139,6 +148,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   uint32_t p[4][4];  // P in e4m3: k-step kk (32 keys) x the A fragment's 4 registers
+  uint32_t kw[16];   // the tile's key scales of this thread's columns 8i + 2 quad (+1): fp16 x 2
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, alpha0, alpha1;
 
   auto issue_qk = [&](int stage) {
@@ -158,19 +168,34 @@ __global__ void __launch_bounds__(kThreads8, 1)
       wgmma_e4m3_rs(pv, p[kk], gmma_desc(vb + kk * 32, 16, 1024), kk > 0);
     wgmma_commit();
   };
+  // this thread's key scales of the tile in stage `stage`, issued before the wait for QK^T
+  auto load_ks = [&](int stage) {
+    if constexpr (kKeyScale) {
+      const uint4* src = reinterpret_cast<const uint4*>(ks_generic + stage * kKsBytes + quad * 64);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4 w = src[c];
+        kw[4 * c] = w.x;
+        kw[4 * c + 1] = w.y;
+        kw[4 * c + 2] = w.z;
+        kw[4 * c + 3] = w.w;
+      }
+    }
+  };
   // scores of tile j (in s) -> p = exp2(s * ks * qs - m + log2 448) in place; updates m, l, alpha
   // kMask (a std::bool_constant): mask keys >= valid. Called as if/else on the two instances,
   // like the bf16 kernel, so that each is its own basic block ahead of the P.V wait: in one block
   // with it, ptxas sinks the exponentials below the wait and the overlap is lost (sm_90 SASS).
-  auto softmax = [&](auto kMask, int stage, int valid) {
-    const float* ks = reinterpret_cast<const float*>(ks_generic + stage * 1024);
+  auto softmax = [&](auto kMask, int valid) {
+    if constexpr (kKeyScale) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const float2 k2 = *reinterpret_cast<const float2*>(ks + 8 * i + 2 * quad);
-      s[4 * i] *= k2.x;
-      s[4 * i + 1] *= k2.y;
-      s[4 * i + 2] *= k2.x;
-      s[4 * i + 3] *= k2.y;
+      for (int i = 0; i < 16; ++i) {
+        const float2 k2 = __half22float2(*reinterpret_cast<const __half2*>(&kw[i]));
+        s[4 * i] *= k2.x;
+        s[4 * i + 1] *= k2.y;
+        s[4 * i + 2] *= k2.x;
+        s[4 * i + 3] *= k2.y;
+      }
     }
     if constexpr (decltype(kMask)::value) {
 #pragma unroll
@@ -243,12 +268,13 @@ __global__ void __launch_bounds__(kThreads8, 1)
   mbar_wait(bar.q(), 0);
   mbar_wait(bar.k_full(0), 0);
   issue_qk(0);
+  load_ks(0);
   wgmma_wait<0>();
   reg_fence(s);
   if (n_tiles == 1 && tail_keys < kBN)
-    softmax(std::true_type{}, 0, tail_keys);
+    softmax(std::true_type{}, tail_keys);
   else
-    softmax(std::false_type{}, 0, kBN);
+    softmax(std::false_type{}, kBN);
   mbar_arrive(bar.k_empty(0));
   pack_p();
 
@@ -258,15 +284,16 @@ __global__ void __launch_bounds__(kThreads8, 1)
     mbar_wait(bar.v_full(sv), ((j - 1) / kStages8) & 1);
     issue_qk(sk);
     issue_pv(sv);
+    load_ks(sk);
     wgmma_wait<1>();
     reg_fence(s);
     pa0 = alpha0;  // alpha of tile j-1, whose P.V is in flight
     pa1 = alpha1;
     if (j == n_tiles - 1 && tail_keys < kBN)
-      softmax(std::true_type{}, sk, tail_keys);
+      softmax(std::true_type{}, tail_keys);
     else
-      softmax(std::false_type{}, sk, kBN);
-    mbar_arrive(bar.k_empty(sk));  // after the softmax: it read this stage's ks
+      softmax(std::false_type{}, kBN);
+    mbar_arrive(bar.k_empty(sk));
     wgmma_wait<0>();
     reg_fence(pv);
     mbar_arrive(bar.v_empty(sv));
@@ -303,6 +330,14 @@ __global__ void __launch_bounds__(kThreads8, 1)
   }
 }
 
+template <typename Kernel>
+bool set_smem_attr(Kernel kernel) {  // once per instantiation
+  static bool done = false;
+  if (!done) done = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem8) ==
+                    cudaSuccess;
+  return done;
+}
+
 }  // namespace
 
 // Returns 0 on success; 1 bad arguments, 2 no cuTensorMapEncodeTiled, 3 tensor-map encoding
@@ -313,15 +348,16 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
                                       const long long* o_strides, void* stream) {
   const int bh = batch * heads;
   if (bh <= 0 || lq <= 0 || lk <= 0 || lkp % 32 || lkp < lk || lp % 16 || lp < lk) return 1;
-  CUtensorMap qm, km, ksm, vm;
+  CUtensorMap qm, km, ksm{}, vm;  // ksm: unused without per-key scales
   const cuuint64_t q_dims[3] = {kD, (cuuint64_t)lq, (cuuint64_t)bh};
   const cuuint64_t q_str[2] = {kD, (cuuint64_t)lq * kD};
   const cuuint32_t q_box[3] = {kD, kBM, 1};
   const cuuint64_t k_dims[3] = {kD, (cuuint64_t)lkp, (cuuint64_t)bh};
   const cuuint64_t k_str[2] = {kD, (cuuint64_t)lkp * kD};
   const cuuint32_t k_box[3] = {kD, kBN, 1};
-  const cuuint64_t ks_dims[2] = {(cuuint64_t)lkp, (cuuint64_t)bh};
-  const cuuint64_t ks_str[1] = {(cuuint64_t)lkp * 4};
+  const int lks = (lk + kBN - 1) / kBN * kBN;
+  const cuuint64_t ks_dims[2] = {(cuuint64_t)lks, (cuuint64_t)bh};
+  const cuuint64_t ks_str[1] = {(cuuint64_t)lks * 2};
   const cuuint32_t ks_box[2] = {kBN, 1};
   const cuuint64_t v_dims[3] = {(cuuint64_t)lp, kD, (cuuint64_t)bh};
   const cuuint64_t v_str[2] = {(cuuint64_t)lp, (cuuint64_t)lp * kD};
@@ -330,7 +366,7 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
                    CU_TENSOR_MAP_SWIZZLE_128B);
   if (!err) err = encode_tiled(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, k8, k_dims, k_str, k_box,
                          CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!err) err = encode_tiled(&ksm, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, ks, ks_dims, ks_str, ks_box,
+  if (!err && ks != nullptr) err = encode_tiled(&ksm, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, ks, ks_dims, ks_str, ks_box,
                          CU_TENSOR_MAP_SWIZZLE_NONE);
   if (!err) err = encode_tiled(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, vt, v_dims, v_str, v_box,
                          CU_TENSOR_MAP_SWIZZLE_128B);
@@ -345,14 +381,14 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
   prm.lq = lq;
   prm.lk = lk;
   prm.heads = heads;
-  static bool attr_set = false;
-  if (!attr_set) {
-    if (cudaFuncSetAttribute(fp8_fwd_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem8) !=
-        cudaSuccess)
-      return 4;
-    attr_set = true;
-  }
   dim3 grid((lq + kBM - 1) / kBM, bh);
-  fp8_fwd_sm90<<<grid, kThreads8, kSmem8, static_cast<cudaStream_t>(stream)>>>(qm, km, ksm, vm, prm);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (ks != nullptr) {
+    if (!set_smem_attr(fp8_fwd_sm90<true>)) return 4;
+    fp8_fwd_sm90<true><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
+  } else {
+    if (!set_smem_attr(fp8_fwd_sm90<false>)) return 4;
+    fp8_fwd_sm90<false><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
+  }
   return cudaGetLastError() == cudaSuccess ? 0 : 4;
 }

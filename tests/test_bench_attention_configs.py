@@ -19,7 +19,7 @@ def test_attention_configs_smoke(tmp_path):
 
 def test_cuda_rows_plumbing(monkeypatch):
     """The CUDA-kernel rows (GPU-only) with the kernels stood in by their torch references: one bf16
-    and one fp8 row, timed, with their accuracy fields."""
+    row and one fp8 row per K scale mode, timed, with their accuracy fields."""
     import argparse
     import importlib
 
@@ -33,17 +33,18 @@ def test_cuda_rows_plumbing(monkeypatch):
     seen = {}
 
     def fp8_stand_in(q, k, v, quantized):
-        seen["Lkp"] = quantized["Lkp"]
-        return fa8.fp8_attention_reference(q, k, v, pv="fp8")
+        seen.setdefault("Lkp", set()).add(quantized["Lkp"])
+        return fa8.fp8_attention_reference(q, k, v, pv="fp8", k_scale=quantized["k_scale"])
 
     monkeypatch.setattr(ca, "cuda_fp8_attention", fp8_stand_in)
     args = argparse.Namespace(only="cuda", warmup=0, iters=1)
     rows = bench.sweep_bf16(96, args, "cpu") + bench.sweep_fp8(96, args, "cpu")
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == {"attention_cuda_96", "attention_cuda_fp8_96"}
+    assert set(by_name) == {"attention_cuda_96", "attention_cuda_fp8_channel_96", "attention_cuda_fp8_token_96"}
     assert by_name["attention_cuda_96"]["max_abs_diff_vs_reference"] == 0.0
-    fp8_row = by_name["attention_cuda_fp8_96"]
-    # the fp8 emulation on this tiny random draw (96 tokens, head dim 64) measured 5.2% vs fp32
-    assert seen["Lkp"] == 96 and 0 < fp8_row["rel_l2_vs_fp32"] < 0.1
-    assert all(r["median_ms"] > 0 and "error" not in r for r in rows)
-    assert fp8_row["TFLOPs"] < fp8_row["kernel_TFLOPs"]  # the quantisation pass is included
+    assert seen["Lkp"] == {96} and all(r["median_ms"] > 0 and "error" not in r for r in rows)
+    for ks in fa8.K_SCALES:
+        fp8_row = by_name[f"attention_cuda_fp8_{ks}_96"]
+        # the fp8 emulation on this tiny random draw (96 tokens, head dim 64) measured ~5% vs fp32
+        assert fp8_row["k_scale"] == ks and 0 < fp8_row["rel_l2_vs_fp32"] < 0.1
+        assert fp8_row["TFLOPs"] < fp8_row["kernel_TFLOPs"]  # the quantisation pass is included

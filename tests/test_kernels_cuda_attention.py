@@ -163,6 +163,18 @@ from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
 
 
+def test_ks_layout_gives_each_thread_contiguous_scales():
+    """Thread t of a quad reads the scales of its score columns 8i + 2t + b (storage rows of a
+    128-key tile, i = 0..15, b = 0, 1) as 32 contiguous fp16 values starting at 32t."""
+    n = torch.arange(256)
+    pos = fa8.ks_cuda_index(n)
+    assert sorted(pos.tolist()) == n.tolist() and torch.equal(pos // 128, n // 128)
+    row = fa8.perm32_rows(n)
+    for t in range(4):
+        keys = [int(torch.nonzero(row == 128 + 8 * i + 2 * t + b)) for i in range(16) for b in (0, 1)]
+        assert pos[keys].tolist() == list(range(128 + 32 * t, 128 + 32 * t + 32))
+
+
 def test_perm32_layout_is_a_permutation_within_groups():
     n = torch.arange(96)
     rows = fa8.perm32_rows(n)
@@ -176,22 +188,29 @@ def test_perm32_layout_is_a_permutation_within_groups():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
+@pytest.mark.parametrize("k_scale", fa8.K_SCALES)
 @pytest.mark.parametrize("Lk", [64, 77])
-def test_permuted_k_quantisation_kernel_matches_torch(Lk):
+def test_permuted_k_quantisation_kernel_matches_torch(Lk, k_scale):
     q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, Lk, seed=Lk)
-    got = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=True, k_perm32=True)
-    exp = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False, k_perm32=True)
-    plain = fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=False)
+    got, exp, plain = (fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=uk, k_perm32=perm, k_scale=k_scale)
+                       for uk, perm in ((True, True), (False, True), (False, False)))
     lkp = -(-Lk // 32) * 32
     assert got["Lkp"] == exp["Lkp"] == lkp and got["k8"].shape == (2, lkp, 64)
     assert torch.equal(got["k8"].view(torch.uint8), exp["k8"].view(torch.uint8))
-    assert torch.equal(got["ks"], exp["ks"])
-    rows = fa8.perm32_rows(torch.arange(Lk))
+    n = torch.arange(Lk)
+    rows, kpos = fa8.perm32_rows(n), fa8.ks_cuda_index(n)
     assert torch.equal(got["k8"].view(torch.uint8)[:, rows], plain["k8"].view(torch.uint8))
-    assert torch.equal(got["ks"][:, rows], plain["ks"])
     unused = torch.ones(lkp, dtype=torch.bool)
     unused[rows] = False
-    assert torch.all(got["ks"][:, unused] == 0) and torch.all(got["k8"].view(torch.uint8)[:, unused] == 0)
+    assert torch.all(got["k8"].view(torch.uint8)[:, unused] == 0)
+    if k_scale == "channel":
+        assert got["ks"] is None and exp["ks"] is None
+        return
+    assert torch.equal(got["ks"], exp["ks"])
+    assert got["ks"].shape == (2, 128) and torch.equal(got["ks"][:, kpos], plain["ks"])
+    unused = torch.ones(128, dtype=torch.bool)
+    unused[kpos] = False
+    assert torch.all(got["ks"][:, unused] == 0)
 
 
 FP8_CASES = [(1, 4096, 4096, 2), (2, 1000, 1000, 2), (1, 300, 77, 2), (1, 129, 4133, 1)]
@@ -199,17 +218,19 @@ FP8_CASES = [(1, 4096, 4096, 2), (2, 1000, 1000, 2), (1, 300, 77, 2), (1, 129, 4
 
 @needs_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("k_scale", fa8.K_SCALES)
 @pytest.mark.parametrize("B,Lq,Lk,H", FP8_CASES)
-def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H):
+def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H, k_scale):
     """Same quantisation as the Triton fp8 kernel and the torch emulation: they differ only by
     exp2 approximation, P's e4m3 rounding of those values and accumulation order (measured on the
-    Triton kernel: ~bf16 output rounding). Bound as test_fp8.test_gpu_fp8_attention: rel L2 1e-2."""
+    Triton kernel: ~bf16 output rounding). Bound as test_fp8.test_gpu_fp8_attention: rel L2 1e-2.
+    Both K scale granularities (the two kernel instantiations)."""
     q, k, v = fa8.make_realistic_qkv(B, Lq, H, 128, Lk, seed=Lq + Lk, device="cuda")
-    got = ca.cuda_fp8_attention(q, k, v)
-    emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32)
+    got = ca.cuda_fp8_attention(q, k, v, k_scale=k_scale)
+    emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32, k_scale=k_scale)
     acc = fg.accuracy(got, emu)
     assert acc["rel_l2"] <= 1e-2 and acc["cosine"] >= 0.9999, acc
-    tri = fa8.fp8_attention(q, k, v, pv="fp8")
+    tri = fa8.fp8_attention(q, k, v, pv="fp8", k_scale=k_scale)
     assert fg.accuracy(got, tri)["rel_l2"] <= 1e-2
     ref = fg.accuracy(got, fa8.attention_fp32(q, k, v))
     assert ref["cosine"] >= 0.999 and ref["rel_l2"] <= 0.05, ref  # bounds of test_gpu_fp8_attention

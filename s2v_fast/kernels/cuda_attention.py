@@ -181,10 +181,12 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        softmax_scale: Optional[float] = None, *,
-                       quantized: Optional[dict] = None) -> torch.Tensor:
+                       quantized: Optional[dict] = None, k_scale: Optional[str] = None) -> torch.Tensor:
     """FP8 attention (``fp8_attention``'s numerics, P.V in fp8) with the CUDA kernel: q [B, Lq, H,
-    128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``quantized``: the output of
-    ``quantize_qkv(..., "fp8", k_perm32=True)`` (benchmarks timing the kernel alone)."""
+    128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``k_scale``: "channel" or "token"
+    (default ``fp8_attention.default_k_scale()``): the kernel runs without or with per-key
+    scales. ``quantized``: the output of ``quantize_qkv(..., "fp8", k_perm32=True)``
+    (benchmarks timing the kernel alone; its own k_scale then applies)."""
     from . import fp8_attention as fa8
 
     B, Lq, H, D = q.shape
@@ -192,8 +194,8 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if not supports(q, k, v):
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
-    qz = quantized if quantized is not None else fa8.quantize_qkv(q, k, v, scale, "fp8",
-                                                                  use_kernels=True, k_perm32=True)
+    qz = quantized if quantized is not None else fa8.quantize_qkv(
+        q, k, v, scale, "fp8", use_kernels=True, k_perm32=True, k_scale=k_scale)
     if qz.get("Lkp", 0) % 32:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
     fn = _load("fp8")
@@ -201,7 +203,8 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     strides = (ctypes.c_longlong * 3)(*out.stride()[:3])
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        err = fn(qz["q8"].data_ptr(), qz["qs"].data_ptr(), qz["k8"].data_ptr(), qz["ks"].data_ptr(),
+        ks = qz["ks"].data_ptr() if qz["ks"] is not None else None
+        err = fn(qz["q8"].data_ptr(), qz["qs"].data_ptr(), qz["k8"].data_ptr(), ks,
                  qz["vt"].data_ptr(), qz["vs"].data_ptr(), out.data_ptr(), B, H, Lq, Lk,
                  qz["Lkp"], qz["Lp"], strides, ctypes.c_void_p(stream))
     _check(err, "cuda fp8 attention")

@@ -12,14 +12,18 @@ Algorithm (all of it in :func:`fp8_attention_reference` as plain torch, the exac
    element is exact), one scale per row of 128 (or 64) channels:
    * Q per token and head (finer than per block and free: the scale is a per-row factor in the
      softmax FMA); the softmax scale and log2(e) are folded into Q's scale.
-   * K per token and head, not per block of BLOCK_N keys: on :func:`make_realistic_qkv` data
-     (L 2048, seeds 0-2, P.V in bf16 to isolate QK) per-token K gives 1.5-2.6 % relative L2 vs
-     2.8-3.2 % per 128-key block, because outlier-channel elements, which dominate the logits,
-     are the row maxima and so exact. Cost: one multiply per score (the per-key scale).
+   * K per token and head, not per block of keys nor per head: on :func:`make_realistic_qkv`
+     data (L 2048, 2 heads, seeds 0-5, logit std 2) the output error is 2.3 % mean / 2.8 % worst
+     per key against 2.7 % / 3.1 % per 16 or 32 keys, 2.8 % / 3.4 % per 128 and 3.2 % / 4.0 % per
+     head, because outlier-channel elements, which dominate the logits, are the key's maxima and
+     so exact. Cost: one multiply per score in the kernel's softmax. The per-key scale is stored
+     in fp16 relative to a per-head power of two ``k_pow`` (>= the head's largest key scale; folded
+     into Q's scale, exactly): half the registers and shared-memory loads of fp32 scales, the
+     same error (fp16 rounding of a scale is 2^-11 against e4m3's 2^-4 per element).
    * V (``pv="fp8"``) per channel (b, h, d) over the sequence, stored transposed [B, H, D, L]:
      Hopper's fp8 wgmma needs its B operand K-major, and for P @ V the K dim is the key index.
-3. S = (q8 @ k8^T) [fp8 MMA, fp32 accumulate] * ks[key] * qs[query]; online softmax in fp32 with
-   exp2 over key blocks of BLOCK_N.
+3. S = (q8 @ k8^T) [fp8 MMA, fp32 accumulate] * ks[key] * qs[query] (ks fp16, qs incl. k_pow);
+   online softmax in fp32 with exp2 over key blocks of BLOCK_N.
 4. P @ V: ``pv="fp8"`` (default): P is produced already times 448 (log2(448) folded into the
    exp2 argument) and rounded to e4m3, V e4m3 per channel; the fp8 MMA accumulates each key block
    into a fresh partial sum that is then added in fp32 (``max_num_imprecise_acc = BLOCK_N``:
@@ -37,8 +41,9 @@ Accuracy vs fp32 (emulation, CPU, L 4096, 4 heads, 2 seeds, pv=fp8): logit std 1
 error grows with how peaked the attention is; the issue's 3 % holds up to logit std ~2.3. Without
 the K centring, keys with a common offset give 5-27 % at logit std 2.
 
-Cost that benchmarks must include: one stats pass over K (and V), one quantise pass each over
-Q, K, V (4 reads and 3 fp8 writes of [L, H, D]), done by :func:`quantize_qkv`.
+Cost that benchmarks must include: one stats pass over K (sum, max and min per channel: the mean
+and the head's centred abs-max) and V (abs-max), one quantise pass each over Q, K, V (5 reads and
+3 fp8 writes of [L, H, D]), done by :func:`quantize_qkv`.
 
 Env: S2V_FP8_ATTN_CONFIG=<index> forces one FP8_CONFIGS entry; S2V_FP8_ATTN_AUTOTUNE=0 takes the
 first config that compiles. CPU: under TRITON_INTERPRET=1 the dots are upcast to fp32 (fp8 -> fp32
@@ -74,6 +79,8 @@ LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 PV_MODES = ("fp8", "bf16")
 DEFAULT_PV = "fp8"
+K_SCALES = ("channel", "token")  # K's scale granularity (module docstring, 2.)
+DEFAULT_K_SCALE = "channel"
 SUPPORTED_D = (64, 128)
 
 # Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors; PROMOTE:
@@ -103,11 +110,11 @@ if triton is not None:
 
     @triton.jit
     def _col_stats_kernel(
-        X, SUM, AMAX, L, C, D, sxb, sxl, sxh, n_chunks,
+        X, SUM, MAX, MIN, AMAX, L, C, D, sxb, sxl, sxh, n_chunks,
         CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        DO_SUM: tl.constexpr, DO_AMAX: tl.constexpr,
+        DO_SUM: tl.constexpr, DO_MINMAX: tl.constexpr, DO_AMAX: tl.constexpr,
     ):
-        """Partial column sums / abs-max of X [B, L, H, D] over CHUNK rows -> [B, n_chunks, H*D]."""
+        """Partial column sum / max / min / abs-max of X [B, L, H, D] over CHUNK rows -> [B, n_chunks, H*D]."""
         chunk = tl.program_id(0)
         cb = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -117,6 +124,8 @@ if triton is not None:
         base = X + b * sxb
         acc_s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_hi = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+        acc_lo = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
         r0 = chunk * CHUNK
         for r in range(0, CHUNK, BLOCK_R):
             rows = r0 + r + tl.arange(0, BLOCK_R)
@@ -124,23 +133,33 @@ if triton is not None:
             x = tl.load(base + rows.to(tl.int64)[:, None] * sxl + coff[None, :], mask=m, other=0.0).to(tl.float32)
             if DO_SUM:
                 acc_s += x
+            if DO_MINMAX:
+                acc_hi = tl.maximum(acc_hi, tl.where(m, x, float("-inf")))
+                acc_lo = tl.minimum(acc_lo, tl.where(m, x, float("inf")))
             if DO_AMAX:
                 acc_a = tl.maximum(acc_a, tl.abs(x))
         out = (b * n_chunks + chunk) * C + cols
         if DO_SUM:
             tl.store(SUM + out, tl.sum(acc_s, axis=0), mask=cmask)
+        if DO_MINMAX:
+            tl.store(MAX + out, tl.max(acc_hi, axis=0), mask=cmask)
+            tl.store(MIN + out, tl.min(acc_lo, axis=0), mask=cmask)
         if DO_AMAX:
             tl.store(AMAX + out, tl.max(acc_a, axis=0), mask=cmask)
 
     @triton.jit
     def _quant_rows_hd_kernel(
-        X, Y, S, MEAN, L, LY, H, sxb, sxl, sxh, post,
-        D: tl.constexpr, BLOCK_R: tl.constexpr, CENTER: tl.constexpr, PERM32: tl.constexpr,
-        INTERPRET: tl.constexpr,
+        X, Y, S, MEAN, POW, CVEC, L, LY, LS, H, sxb, sxl, sxh, post,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, IS_K: tl.constexpr, KCHAN: tl.constexpr,
+        PERM32: tl.constexpr, INTERPRET: tl.constexpr,
     ):
-        """Per-(token, head) e4m3 quantisation of X [B, L, H, D] (optionally minus MEAN [B*H, D])
-        -> Y [B*H, LY, D] fp8 contiguous, S [B*H, LY] = amax / 448 * post; PERM32: row i goes to
-        row :func:`perm32_rows` (i) (the CUDA kernel's K layout)."""
+        """Per-(token, head) e4m3 quantisation of X [B, L, H, D] -> Y [B*H, LY, D] fp8 contiguous.
+
+        IS_K: X minus MEAN [B*H, D]; S [B*H, LS] fp16 = amax / 448 * POW[bh] (1 / k_pow); PERM32: row i goes
+        to row :func:`perm32_rows` (i) and its scale to :func:`ks_cuda_index` (i) (the CUDA kernel's
+        layout). Else (Q): S [B*H, LS] fp32 = amax / 448 * post * POW[bh].
+        KCHAN (K's per-channel scales): K is x - MEAN times CVEC [B*H, D] (448 / channel abs-max),
+        no S; Q is x times CVEC (the channel scales, amax / 448) before its per-token quantisation."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -151,19 +170,33 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         x = tl.load(X + b * sxb + h * sxh + rows64[:, None] * sxl + offs_d[None, :],
                     mask=rmask[:, None], other=0.0).to(tl.float32)
-        if CENTER:
+        if IS_K:
             mean = tl.load(MEAN + bh.to(tl.int64) * D + offs_d)
             x = x - mean[None, :]
+        if KCHAN:
+            x = x * tl.load(CVEC + bh.to(tl.int64) * D + offs_d)[None, :]
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), 7.888609052210118e-31)
         inv = _rdiv(tl.full([BLOCK_R], 448.0, tl.float32), amax)
-        y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
+        if IS_K and KCHAN:
+            y = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        else:
+            y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
         if PERM32:
             rows64 = (rows64 & ~31) | (rows64 & 0x11) | ((rows64 & 0xC) >> 1) | ((rows64 & 0x2) << 2)
+            srow = (rows64 & ~127) | (((rows64 >> 1) & 3) << 5) | (((rows64 >> 3) & 15) << 1) | (rows64 & 1)
+        else:
+            srow = rows64
         ybase = bh.to(tl.int64) * LY * D
         tl.store(Y + ybase + rows64[:, None] * D + offs_d[None, :], e4m3_round(y, INTERPRET),
                  mask=rmask[:, None])
-        scale = _rdiv(amax, tl.full([BLOCK_R], 448.0, tl.float32)) * post
-        tl.store(S + bh.to(tl.int64) * LY + rows64, scale, mask=rmask)
+        scale = _rdiv(amax, tl.full([BLOCK_R], 448.0, tl.float32))
+        if IS_K:
+            if not KCHAN:
+                scale = (scale * tl.load(POW + bh)).to(tl.float16)  # POW holds 1 / k_pow here
+                tl.store(S + bh.to(tl.int64) * LS + srow, scale, mask=rmask)
+        else:
+            scale = scale * post * tl.load(POW + bh)
+            tl.store(S + bh.to(tl.int64) * LS + srow, scale, mask=rmask)
 
     @triton.jit
     def _quant_v_kernel(
@@ -195,7 +228,8 @@ if triton is not None:
         acc, l_i, m_i, q, qs,
         k_src, v_src, ks_base, offs_n, offs_d, svl, Lk, lo, hi,
         D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
-        PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, HAS_KS: tl.constexpr, UPCAST: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         for start_n in tl.range(lo, hi, BLOCK_N):
             n_idx = start_n + offs_n
@@ -203,12 +237,13 @@ if triton is not None:
                 k = k_src.load([start_n, 0])
             else:
                 k = load_rows(k_src, n_idx, offs_d, D, Lk, MASK_N)
-            if MASK_N:
-                ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0)
-            else:
-                ksc = tl.load(ks_base + n_idx)
-            qk = dot_upcast(q, tl.trans(k), None, UPCAST)
-            s = qk * ksc[None, :]
+            s = dot_upcast(q, tl.trans(k), None, UPCAST)
+            if HAS_KS:
+                if MASK_N:
+                    ksc = tl.load(ks_base + n_idx, mask=n_idx < Lk, other=0.0).to(tl.float32)
+                else:
+                    ksc = tl.load(ks_base + n_idx).to(tl.float32)
+                s = s * ksc[None, :]
             if MASK_N:
                 s = tl.where(n_idx[None, :] < Lk, s, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(s, 1) * qs)
@@ -246,7 +281,7 @@ if triton is not None:
         Q8, QS, K8, KS, V, VS, O,
         H, Lq, Lk, Lp, svb, svl, svh, sob, sol, soh,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr,
+        TMA: tl.constexpr, PV_FP8: tl.constexpr, PROMOTE: tl.constexpr, HAS_KS: tl.constexpr,
         UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
@@ -286,11 +321,11 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fp8_attn_inner(
             acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, 0, n_full,
-            D, BLOCK_N, False, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+            D, BLOCK_N, False, TMA, PV_FP8, PROMOTE, HAS_KS, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _fp8_attn_inner(
                 acc, l_i, m_i, q, qs, k_src, v_src, ks_base, offs_n, offs_d, svl_eff, Lk, n_full, Lk,
-                D, BLOCK_N, True, TMA, PV_FP8, PROMOTE, UPCAST, INTERPRET)
+                D, BLOCK_N, True, TMA, PV_FP8, PROMOTE, HAS_KS, UPCAST, INTERPRET)
         o = acc / l_i[:, None]
         if PV_FP8:
             vs = tl.load(VS + bh64 * D + offs_d)
@@ -309,12 +344,21 @@ def _bhld(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D] (view)
 
 
-def quantize_q_reference(q: torch.Tensor, softmax_scale: float):
-    """q [B, L, H, D] -> (e4m3 [B, H, L, D], fp32 scale [B, H, L] incl. softmax scale * log2 e)."""
+def quantize_q_reference(q: torch.Tensor, softmax_scale: float, k_pow: torch.Tensor = None,
+                         k_chan: torch.Tensor = None):
+    """q [B, L, H, D] -> (e4m3 [B, H, L, D], fp32 scale [B, H, L] incl. softmax scale * log2 e).
+
+    ``k_pow`` [B, H]: K's per-head power of two (k_scale "token"), folded into the scale;
+    ``k_chan`` [B, H, D]: K's channel scales (k_scale "channel"), multiplied into q first."""
     x = _bhld(q).float()
+    if k_chan is not None:
+        x = x * k_chan.float()[:, :, None, :]
     amax = x.abs().amax(-1).clamp_min(AMAX_FLOOR)
     inv, scale = _inv_and_scale(amax)
-    return _e4m3(x * inv[..., None]).contiguous(), scale * (softmax_scale * LOG2E)
+    scale = scale * (softmax_scale * LOG2E)
+    if k_pow is not None:
+        scale = scale * k_pow.float()[..., None]
+    return _e4m3(x * inv[..., None]).contiguous(), scale
 
 
 def k_mean_reference(k: torch.Tensor) -> torch.Tensor:
@@ -322,13 +366,27 @@ def k_mean_reference(k: torch.Tensor) -> torch.Tensor:
     return k.float().mean(dim=1)
 
 
-def quantize_k_reference(k: torch.Tensor, k_mean: torch.Tensor = None):
-    """k [B, L, H, D] -> (e4m3 [B, H, L, D] of k - mean, fp32 scale [B, H, L], mean [B, H, D])."""
+def k_pow_of(head_amax: torch.Tensor) -> torch.Tensor:
+    """A power of two >= (about) head_amax / 448, the largest key scale of the head: the per-key
+    scales are stored in fp16 relative to it (<= ~1, fp16's precise range)."""
+    return torch.exp2(torch.ceil(torch.log2(head_amax.clamp_min(AMAX_FLOOR) / FP8_MAX)))
+
+
+def quantize_k_reference(k: torch.Tensor, k_mean: torch.Tensor = None, k_scale: str = "token"):
+    """k [B, L, H, D] -> (e4m3 [B, H, L, D] of k - mean, ks, mean [B, H, D], q_factor).
+
+    k_scale "token": ks fp16 [B, H, L] relative to q_factor = k_pow [B, H] fp32 (a power of two,
+    :func:`k_pow_of` of the head's abs-max). "channel": ks None, q_factor = the channel scales
+    [B, H, D] (channel abs-max over the sequence / 448), which Q takes on (q . k is unchanged)."""
     km = k_mean_reference(k) if k_mean is None else k_mean.float()
     x = _bhld(k).float() - km[:, :, None, :]
+    if k_scale == "channel":
+        inv, chan = _inv_and_scale(x.abs().amax(2).clamp_min(AMAX_FLOOR))
+        return _e4m3(x * inv[:, :, None, :]).contiguous(), None, km, chan
     amax = x.abs().amax(-1).clamp_min(AMAX_FLOOR)
+    k_pow = k_pow_of(amax.amax(-1))
     inv, scale = _inv_and_scale(amax)
-    return _e4m3(x * inv[..., None]).contiguous(), scale, km
+    return _e4m3(x * inv[..., None]).contiguous(), (scale / k_pow[..., None]).half(), km, k_pow
 
 
 def quantize_v_reference(v: torch.Tensor, v_amax: torch.Tensor = None):
@@ -341,7 +399,7 @@ def quantize_v_reference(v: torch.Tensor, v_amax: torch.Tensor = None):
 
 def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, block_n: int = 128,
                             k_mean: torch.Tensor = None, v_amax: torch.Tensor = None,
-                            out_dtype=None) -> torch.Tensor:
+                            out_dtype=None, k_scale: str = None) -> torch.Tensor:
     """Pure-torch emulation of the fp8 kernel: same quantisation, same online-softmax blocking
     (key blocks of ``block_n``), fp32 arithmetic; [B, Lq, H, D] -> [B, Lq, H, D] (q.dtype)."""
     pv = pv or default_pv()
@@ -351,8 +409,14 @@ def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, bloc
     out_dtype = out_dtype or q.dtype
     if Lk == 0:
         return torch.zeros_like(q, dtype=out_dtype)
-    q8, qs = quantize_q_reference(q, scale)
-    k8, ks, _ = quantize_k_reference(k, k_mean)
+    k_scale = k_scale or default_k_scale()
+    k8, ks, _, qf = quantize_k_reference(k, k_mean, k_scale)
+    if k_scale == "channel":
+        q8, qs = quantize_q_reference(q, scale, k_chan=qf)
+        ks = torch.ones((B, H, Lk), device=q.device)
+    else:
+        q8, qs = quantize_q_reference(q, scale, k_pow=qf)
+        ks = ks.float()
     if pv == "fp8":
         v8, vs = quantize_v_reference(v, v_amax)
         vv = v8.float()
@@ -390,6 +454,13 @@ def attention_fp32(q, k, v, softmax_scale=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- quantisation launch
+def default_k_scale() -> str:
+    mode = os.environ.get("S2V_FP8_ATTN_K", DEFAULT_K_SCALE)
+    if mode not in K_SCALES:
+        raise ValueError(f"S2V_FP8_ATTN_K={mode!r}; use one of {K_SCALES}")
+    return mode
+
+
 def default_pv() -> str:
     pv = os.environ.get("S2V_FP8_ATTN_PV", DEFAULT_PV)
     if pv not in PV_MODES:
@@ -408,46 +479,64 @@ def perm32_rows(n: torch.Tensor) -> torch.Tensor:
     return (n & ~31) | (n & 0x11) | ((n & 0xC) >> 1) | ((n & 0x2) << 2)
 
 
+def ks_cuda_index(n: torch.Tensor) -> torch.Tensor:
+    """Position of key ``n``'s scale in the CUDA layout: the scale of storage row r = 8i + 2t + b of
+    a 128-key tile (:func:`perm32_rows`) goes to 32t + 2i + b, so that thread t of a quad finds the
+    32 scales of its score columns in 64 contiguous bytes (four 16-byte loads)."""
+    r = perm32_rows(n)
+    return (r & ~127) | (((r >> 1) & 3) << 5) | (((r >> 3) & 15) << 1) | (r & 1)
+
+
 def quantize_qkv(q, k, v, softmax_scale: float, pv: str, use_kernels: bool = None,
-                 k_perm32: bool = False) -> dict:
+                 k_perm32: bool = False, k_scale: str = None) -> dict:
     """All quantisation work of one attention call (what the benchmark must include).
 
-    Returns q8/k8 [B*H, L, D] e4m3, qs/ks [B*H, L] fp32, km [B, H, D]; for pv="fp8" also
+    Returns q8/k8 [B*H, L, D] e4m3, qs [B*H, Lq] fp32 (softmax scale, log2 e and k_pow folded in),
+    km [B, H, D], k_scale; for k_scale "token" ks [B*H, Lk] fp16 (per key, relative to k_pow) and
+    k_pow [B*H], for "channel" ks None and k_chan [B*H, D] (taken on by q); for pv="fp8" also
     vt [B*H, D, Lp] e4m3 (keys contiguous, Lp = Lk padded to 16) and vs [B*H, D] fp32.
-    ``k_perm32`` (the CUDA kernel's layout): k8/ks hold Lkp = Lk padded to 32 rows, key n at row
-    :func:`perm32_rows` (n), zeros elsewhere; ``Lkp`` is in the result."""
+    ``k_perm32`` (the CUDA kernel's layout): k8 holds Lkp = Lk padded to 32 rows, key n at row
+    :func:`perm32_rows` (n); ks holds Lk padded to 128, key n's scale at :func:`ks_cuda_index`
+    (n); zeros elsewhere; ``Lkp`` is in the result."""
+    k_scale = k_scale or default_k_scale()
+    if k_scale not in K_SCALES:
+        raise ValueError(f"k_scale={k_scale!r}; use one of {K_SCALES}")
     if use_kernels is None:
         use_kernels = kernels_usable(q, k, v)
     if use_kernels and not FALLBACKS.get("quantize"):
         try:
-            return _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32)
+            return _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32, k_scale)
         except Exception as e:  # a kernel that does not compile here: the torch path, same numbers
             FALLBACKS["quantize"] = f"{type(e).__name__}: {str(e)[:200]}"
             warnings.warn(f"fp8 attention quantisation kernels failed ({FALLBACKS['quantize']}); using torch")
-    return _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32)
+    return _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32, k_scale)
 
 
-def _k_rows(Lk: int, k_perm32: bool) -> int:
-    return -(-Lk // 32) * 32 if k_perm32 else Lk
+def _k_rows(Lk: int, k_perm32: bool, multiple: int = 32) -> int:
+    return -(-Lk // multiple) * multiple if k_perm32 else Lk
 
 
-def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False):
+def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False, k_scale="token"):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
-    q8, qs = quantize_q_reference(q, softmax_scale)
-    k8, ks, km = quantize_k_reference(k)
-    k8, ks = k8.view(B * H, Lk, D), ks.reshape(B * H, Lk)
+    k8, ks, km, qf = quantize_k_reference(k, k_scale=k_scale)
+    chan = k_scale == "channel"
+    q8, qs = quantize_q_reference(q, softmax_scale, None if chan else qf, qf if chan else None)
+    k8 = k8.view(B * H, Lk, D)
+    ks = None if chan else ks.reshape(B * H, Lk)
     if k_perm32:
-        Lkp = _k_rows(Lk, True)
-        rows = perm32_rows(torch.arange(Lk, device=dev))
-        k8p = torch.zeros((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
-        ksp = torch.zeros((B * H, Lkp), dtype=torch.float32, device=dev)
-        k8p.view(torch.uint8)[:, rows] = k8.view(torch.uint8)
-        ksp[:, rows] = ks
-        k8, ks = k8p, ksp
+        n = torch.arange(Lk, device=dev)
+        k8p = torch.zeros((B * H, _k_rows(Lk, True), D), dtype=FP8_DTYPE, device=dev)
+        k8p.view(torch.uint8)[:, perm32_rows(n)] = k8.view(torch.uint8)
+        k8 = k8p
+        if not chan:
+            ksp = torch.zeros((B * H, _k_rows(Lk, True, 128)), dtype=torch.float16, device=dev)
+            ksp[:, ks_cuda_index(n)] = ks
+            ks = ksp
     res = dict(q8=q8.view(B * H, Lq, D), qs=qs.reshape(B * H, Lq), k8=k8, ks=ks, km=km,
-               Lkp=_k_rows(Lk, k_perm32))
+               k_scale=k_scale, Lkp=_k_rows(Lk, k_perm32))
+    res["k_chan" if chan else "k_pow"] = qf.reshape(B * H, D) if chan else qf.reshape(B * H)
     if pv == "fp8":
         v8, vs = quantize_v_reference(v)
         Lp = _padded_len(Lk)
@@ -457,49 +546,62 @@ def _quantize_qkv_torch(q, k, v, softmax_scale, pv, k_perm32=False):
     return res
 
 
-def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32=False):
+def _quantize_qkv_kernels(q, k, v, softmax_scale, pv, k_perm32=False, k_scale="token"):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
     res = {}
     interp = is_interpreter()
     C = H * D
-    # 1. column statistics over the keys: K sum (-> mean) and, for fp8 P.V, V abs-max
-    # the interpreter runs programs one after another: few large ones there
+    # 1. column statistics over the keys: K sum (-> mean), max and min (-> the head's centred
+    # abs-max, max(max - mean, mean - min): rounding is monotonic, so exactly the torch path's) and,
+    # for fp8 P.V, V abs-max; the interpreter runs programs one after another: few large ones there
     chunk = min(next_pow2(Lk), 1024) if interp else _STATS_CHUNK
     stats_r = chunk if interp else 16
     br = min(next_pow2(max(Lq, Lk)), 1024) if interp else 64
     n_chunks = triton.cdiv(Lk, chunk)
     block_c = min(512, next_pow2(C))
     grid = (n_chunks, triton.cdiv(C, block_c), B)
-    ksum = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
-    _col_stats_kernel[grid](k, ksum, ksum, Lk, C, D, k.stride(0), k.stride(1), k.stride(2), n_chunks,
-                            CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=True, DO_AMAX=False,
-                            num_warps=4)
-    km = (ksum.sum(1) / Lk).view(B, H, D)
-    # 2. Q and K per (token, head)
+    kst = torch.empty((3, B, n_chunks, C), dtype=torch.float32, device=dev)
+    _col_stats_kernel[grid](k, kst[0], kst[1], kst[2], kst[0], Lk, C, D, k.stride(0), k.stride(1),
+                            k.stride(2), n_chunks, CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c,
+                            DO_SUM=True, DO_MINMAX=True, DO_AMAX=False, num_warps=4)
+    km = (kst[0].sum(1) / Lk).view(B, H, D)
+    kmc = km.reshape(B * H, D).contiguous()
+    chan_amax = torch.maximum(kst[1].amax(1).view(B * H, D) - kmc, kmc - kst[2].amin(1).view(B * H, D))
+    chan = k_scale == "channel"
+    if chan:  # K per channel; q takes the channel scales on
+        kvec, qvec = _inv_and_scale(chan_amax.clamp_min(AMAX_FLOOR))
+        k_pow = torch.ones(B * H, dtype=torch.float32, device=dev)
+    else:
+        k_pow = k_pow_of(chan_amax.amax(1))
+        kvec = qvec = kmc  # unused
+    # 2. K and Q per (token, head)
+    Lkp = _k_rows(Lk, k_perm32)
+    Lks = _k_rows(Lk, k_perm32, 128)
+    k8 = torch.empty((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
+    ks = None if chan else torch.empty((B * H, Lks), dtype=torch.float16, device=dev)
+    if Lkp > Lk:  # the last group's rows that no key maps to
+        k8.view(torch.uint8)[:, Lk & ~31:].zero_()
+    if Lks > Lk and not chan:
+        ks[:, Lk & ~127:].zero_()
+    _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
+        k, k8, k8 if chan else ks, kmc, (1.0 / k_pow).contiguous(), kvec.contiguous(), Lk, Lkp, Lks, H,
+        k.stride(0), k.stride(1), k.stride(2), 1.0,
+        D=D, BLOCK_R=br, IS_K=True, KCHAN=chan, PERM32=k_perm32, INTERPRET=interp, num_warps=8)
     q8 = torch.empty((B * H, Lq, D), dtype=FP8_DTYPE, device=dev)
     qs = torch.empty((B * H, Lq), dtype=torch.float32, device=dev)
-    Lkp = _k_rows(Lk, k_perm32)
-    k8 = torch.empty((B * H, Lkp, D), dtype=FP8_DTYPE, device=dev)
-    ks = torch.empty((B * H, Lkp), dtype=torch.float32, device=dev)
-    if Lkp > Lk:  # the last group's rows that no key maps to
-        tail = Lk & ~31
-        k8.view(torch.uint8)[:, tail:].zero_()
-        ks[:, tail:].zero_()
     _quant_rows_hd_kernel[(triton.cdiv(Lq, br), B * H)](
-        q, q8, qs, qs, Lq, Lq, H, q.stride(0), q.stride(1), q.stride(2), softmax_scale * LOG2E,
-        D=D, BLOCK_R=br, CENTER=False, PERM32=False, INTERPRET=interp, num_warps=8)
-    kmc = km.reshape(B * H, D).contiguous()
-    _quant_rows_hd_kernel[(triton.cdiv(Lk, br), B * H)](
-        k, k8, ks, kmc, Lk, Lkp, H, k.stride(0), k.stride(1), k.stride(2), 1.0,
-        D=D, BLOCK_R=br, CENTER=True, PERM32=k_perm32, INTERPRET=interp, num_warps=8)
-    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km, Lkp=Lkp)
+        q, q8, qs, kmc, k_pow, qvec.contiguous(), Lq, Lq, Lq, H, q.stride(0), q.stride(1), q.stride(2),
+        softmax_scale * LOG2E, D=D, BLOCK_R=br, IS_K=False, KCHAN=chan, PERM32=False, INTERPRET=interp,
+        num_warps=8)
+    res.update(q8=q8, qs=qs, k8=k8, ks=ks, km=km, k_scale=k_scale, Lkp=Lkp)
+    res["k_chan" if chan else "k_pow"] = qvec if chan else k_pow
     if pv == "fp8":
         vmax = torch.empty((B, n_chunks, C), dtype=torch.float32, device=dev)
-        _col_stats_kernel[grid](v, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2), n_chunks,
-                                CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=False,
-                                DO_AMAX=True, num_warps=4)
+        _col_stats_kernel[grid](v, vmax, vmax, vmax, vmax, Lk, C, D, v.stride(0), v.stride(1), v.stride(2),
+                                n_chunks, CHUNK=chunk, BLOCK_R=stats_r, BLOCK_C=block_c, DO_SUM=False,
+                                DO_MINMAX=False, DO_AMAX=True, num_warps=4)
         amax = vmax.amax(1).view(B * H, D).clamp_min(AMAX_FLOOR)
         inv, vs = _inv_and_scale(amax)
         Lp = _padded_len(Lk)
@@ -535,11 +637,12 @@ def _launch(cfg, qz, v, out, pv):
     vs = qz["vs"] if pv_fp8 else qz["qs"]
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _fp8_attn_fwd_kernel[grid](
-        qz["q8"], qz["qs"], qz["k8"], qz["ks"], vsrc, vs, out,
+        qz["q8"], qz["qs"], qz["k8"], qz["ks"] if qz["ks"] is not None else qz["qs"], vsrc, vs, out,
         H, Lq, Lk, qz.get("Lp", 0), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TMA=tma,
-        PV_FP8=pv_fp8, PROMOTE=bool(cfg.get("PROMOTE", True)), UPCAST=interp, INTERPRET=interp,
+        PV_FP8=pv_fp8, PROMOTE=bool(cfg.get("PROMOTE", True)), HAS_KS=qz["ks"] is not None,
+        UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -606,10 +709,11 @@ def fp8_attention_usable(q, k, v) -> bool:
 
 
 def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, config=None,
-                  quantized: dict = None) -> torch.Tensor:
+                  quantized: dict = None, k_scale: str = None) -> torch.Tensor:
     """FP8 attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q.dtype.
 
-    ``pv``: "fp8" (default, env S2V_FP8_ATTN_PV) or "bf16". ``config``: a FP8_CONFIGS-like dict
+    ``pv``: "fp8" (default, env S2V_FP8_ATTN_PV) or "bf16". ``k_scale``: "channel" (default, env
+    S2V_FP8_ATTN_K) or "token" (module docstring, 2.). ``config``: a FP8_CONFIGS-like dict
     (bypasses the tuner). ``quantized``: output of :func:`quantize_qkv` (benchmarks timing the
     attention kernel alone). Falls back to :func:`fp8_attention_reference` (same numbers, torch)
     where the kernel cannot run."""
@@ -622,13 +726,14 @@ def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, conf
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if not (fp8_attention_usable(q, k, v) and kernels_usable(out)):
-        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv))
+        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv, k_scale=k_scale))
         return out
     if B * H * Lq == 0:
         return out
     if Lk == 0:
         return out.zero_()
-    qz = quantized if quantized is not None else quantize_qkv(q, k, v, scale, pv, use_kernels=True)
+    qz = quantized if quantized is not None else quantize_qkv(q, k, v, scale, pv, use_kernels=True,
+                                                              k_scale=k_scale)
     cfg = config if config is not None else _pick_config(qz, v, out, pv)
     _launch(cfg, qz, v, out, pv)
     return out
