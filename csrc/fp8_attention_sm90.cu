@@ -330,11 +330,12 @@ __global__ void __launch_bounds__(kThreads8, 1)
   }
 }
 
-template <typename Kernel>
-bool set_smem_attr(Kernel kernel) {  // once per instantiation
+template <bool kKeyScale>
+bool set_smem_attr() {  // once per instantiation (a static per template argument)
   static bool done = false;
-  if (!done) done = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem8) ==
-                    cudaSuccess;
+  if (!done)
+    done = cudaFuncSetAttribute(fp8_fwd_sm90<kKeyScale>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                kSmem8) == cudaSuccess;
   return done;
 }
 
@@ -384,10 +385,10 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
   dim3 grid((lq + kBM - 1) / kBM, bh);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (ks != nullptr) {
-    if (!set_smem_attr(fp8_fwd_sm90<true>)) return 4;
+    if (!set_smem_attr<true>()) return 4;
     fp8_fwd_sm90<true><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
   } else {
-    if (!set_smem_attr(fp8_fwd_sm90<false>)) return 4;
+    if (!set_smem_attr<false>()) return 4;
     fp8_fwd_sm90<false><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
   }
   return cudaGetLastError() == cudaSuccess ? 0 : 4;
