@@ -13,8 +13,13 @@
 //      that is 25-30% faster (bench/NOTES.md section 14)
 //   vt [BH, 128, Lp] e4m3 (per channel, keys contiguous, Lp = Lk padded to 16), vs [BH, 128]
 //
-//   s = (q8 . k8) * ks[key];  m = running max of s * qs;  p = exp2(s * qs - m + log2 448)
-//   o = sum_tiles(alpha-rescaled e4m3(p) . v8) / sum(p) * vs          (p unrounded in the sum)
+//   s = (q8 . k8) [* ks[key]];  m = running max of s * qs;  p = e4m3(exp2(s * qs - m + log2 448))
+//   o = sum_tiles(alpha-rescaled p . v8) / sum_tiles(alpha-rescaled sum(p)) * vs
+//
+// The row sums come out of the P.V MMA: it runs with N = 136, the B operand's rows 128..135 being
+// e4m3 ones kept in shared memory after each V stage, so accumulator columns 128..135 hold sum(p)
+// (of the rounded p: the weights P.V used) and follow o's rescaling for free: the softmax has no
+// adds and no quad reduction at the end (+5-6% without per-key scales, bench/NOTES.md section 14).
 //
 // Structure as flash_attention_sm90.cu: a TMA producer warpgroup, two consumer warpgroups of 64
 // query rows, each issuing QK^T of tile j and P.V of tile j-1 as asynchronous wgmma groups and
@@ -45,8 +50,11 @@ constexpr int kQ8Bytes = kBM * kD;       // 16 KB
 constexpr int kK8Bytes = kBN * kD;       // 16 KB
 constexpr int kV8Bytes = kD * kBN;       // 16 KB (vt tile: 128 channels x 128 keys)
 constexpr int kKsBytes = kBN * 2;        // fp16 key scales of one tile
+constexpr int kOnesBytes = 8 * kBN;      // 8 rows of e4m3 ones after each V tile (row sums)
+constexpr int kVStage = kV8Bytes + kOnesBytes;
+constexpr int kNPV = kD + 8;             // P.V MMA width: 128 channels + 8 ones columns
 constexpr int kThreads8 = 384;
-constexpr int kSmem8 = kQ8Bytes + kStages8 * (kK8Bytes + kV8Bytes + kKsBytes) + 1024 + 256;
+constexpr int kSmem8 = kQ8Bytes + kStages8 * (kK8Bytes + kVStage + kKsBytes) + 1024 + 256;
 constexpr float kLog2Fp8Max = 8.807354922057604f;  // log2(448)
 
 // D[64x128] (+)= A[64x32] * B[32x128], e4m3 inputs, fp32 accumulate; A and B from shared memory
@@ -60,13 +68,13 @@ __device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[64], uint64_t desc_a, u
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D[64x128] (+)= A[64x32] * B[32x128], e4m3; A from registers (4 x 4 bytes), B from shared memory.
-__device__ __forceinline__ void wgmma_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                              int accumulate) {
+// D[64x136] (+)= A[64x32] * B[32x136], e4m3; A from registers (4 x 4 bytes), B from shared memory.
+__device__ __forceinline__ void wgmma_e4m3_rs136(float (&d)[68], const uint32_t (&a)[4], uint64_t desc_b,
+                                                 int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %73, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n136k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67}, {%68, %69, %70, %71}, %72, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
@@ -105,7 +113,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
   const uint32_t q_smem = base;
   const uint32_t k_smem = q_smem + kQ8Bytes;                // + stage * kK8Bytes
   const uint32_t v_smem = k_smem + kStages8 * kK8Bytes;     // + stage * kV8Bytes
-  const uint32_t ks_smem = v_smem + kStages8 * kV8Bytes;    // + stage * kKsBytes
+  const uint32_t ks_smem = v_smem + kStages8 * kVStage;    // + stage * kKsBytes
   const KVBarriers<kStages8> bar{ks_smem + kStages8 * kKsBytes};
   const uint8_t* ks_generic = smem_raw + (ks_smem - smem_addr(smem_raw));
 
@@ -114,6 +122,12 @@ __global__ void __launch_bounds__(kThreads8, 1)
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) bar.init();
+  // the ones rows behind each V tile (0x38 = 1.0 in e4m3), made visible to wgmma's async proxy
+  for (int i = threadIdx.x; i < kStages8 * kOnesBytes / 4; i += kThreads8) {
+    const int stage = i / (kOnesBytes / 4), word = i % (kOnesBytes / 4);
+    st_shared_u32(v_smem + stage * kVStage + kV8Bytes + 4 * word, 0x38383838u);
+  }
+  fence_proxy_async();
   __syncthreads();
 
   if (warpgroup == 0) {  // ------------------------------------------------ producer
@@ -130,7 +144,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
         if constexpr (kKeyScale) tma_load_2d(ks_smem + s * kKsBytes, &ks_map, bar.k_full(s), j * kBN, bh);
         mbar_wait(bar.v_empty(s), phase ^ 1);
         mbar_expect_tx(bar.v_full(s), kV8Bytes);
-        tma_load_3d(v_smem + s * kV8Bytes, &v_map, bar.v_full(s), j * kBN, 0, bh);
+        tma_load_3d(v_smem + s * kVStage, &v_map, bar.v_full(s), j * kBN, 0, bh);
       }
     }
     return;
@@ -144,12 +158,13 @@ __global__ void __launch_bounds__(kThreads8, 1)
   const float qs1 = r + 8 < prm.lq ? prm.qs[(int64_t)bh * prm.lq + r + 8] : 1.f;
   const int tail_keys = prm.lk - (n_tiles - 1) * kBN;
 
-  float o[64], pv[64], s[64];
+  // o, pv: 128 output channels + the row sums (o[64], o[65]: row r; o[66], o[67]: row r + 8)
+  float o[kNPV / 2], pv[kNPV / 2], s[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < kNPV / 2; ++i) o[i] = 0.f;
   uint32_t p[4][4];  // P in e4m3: k-step kk (32 keys) x the A fragment's 4 registers
   uint32_t kw[16];   // the tile's key scales of this thread's columns 8i + 2 quad (+1): fp16 x 2
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, alpha0, alpha1;
+  float m0 = -INFINITY, m1 = -INFINITY, alpha0, alpha1;
 
   auto issue_qk = [&](int stage) {
     const uint32_t kb = k_smem + stage * kK8Bytes;
@@ -161,11 +176,11 @@ __global__ void __launch_bounds__(kThreads8, 1)
     wgmma_commit();
   };
   auto issue_pv = [&](int stage) {
-    const uint32_t vb = v_smem + stage * kV8Bytes;
+    const uint32_t vb = v_smem + stage * kVStage;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_e4m3_rs(pv, p[kk], gmma_desc(vb + kk * 32, 16, 1024), kk > 0);
+      wgmma_e4m3_rs136(pv, p[kk], gmma_desc(vb + kk * 32, 16, 1024), kk > 0);
     wgmma_commit();
   };
   // this thread's key scales of the tile in stage `stage`, issued before the wait for QK^T
@@ -182,7 +197,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
       }
     }
   };
-  // scores of tile j (in s) -> p = exp2(s * ks * qs - m + log2 448) in place; updates m, l, alpha
+  // scores of tile j (in s) -> p = exp2(s [* ks] * qs - m + log2 448) in place; updates m, alpha
   // kMask (a std::bool_constant): mask keys >= valid. Called as if/else on the two instances,
   // like the bf16 kernel, so that each is its own basic block ahead of the P.V wait: in one block
   // with it, ptxas sinks the exponentials below the wait and the overlap is lost (sm_90 SASS).
@@ -206,8 +221,8 @@ __global__ void __launch_bounds__(kThreads8, 1)
         if (key1 >= valid) { s[4 * i + 1] = -INFINITY; s[4 * i + 3] = -INFINITY; }
       }
     }
-    // Reductions as four independent chains per row: one serial chain of 32 dependent
-    // FMNMX/FADD per row was the latency that bounded this warp's issue rate.
+    // The max as four independent chains per row: one serial chain of 32 dependent FMNMX per row
+    // was the latency that bounded this warp's issue rate.
     float mxa[4], mxb[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -228,18 +243,13 @@ __global__ void __launch_bounds__(kThreads8, 1)
     m0 = mn0;
     m1 = mn1;
     const float sh0 = mn0 - kLog2Fp8Max, sh1 = mn1 - kLog2Fp8Max;
-    float suma[4] = {0.f, 0.f, 0.f, 0.f}, sumb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       s[4 * i] = exp2f(fmaf(s[4 * i], qs0, -sh0));
       s[4 * i + 1] = exp2f(fmaf(s[4 * i + 1], qs0, -sh0));
       s[4 * i + 2] = exp2f(fmaf(s[4 * i + 2], qs1, -sh1));
       s[4 * i + 3] = exp2f(fmaf(s[4 * i + 3], qs1, -sh1));
-      suma[i % 4] += s[4 * i] + s[4 * i + 1];
-      sumb[i % 4] += s[4 * i + 2] + s[4 * i + 3];
     }
-    l0 = l0 * alpha0 + ((suma[0] + suma[1]) + (suma[2] + suma[3]));
-    l1 = l1 * alpha1 + ((sumb[0] + sumb[1]) + (sumb[2] + sumb[3]));
   };
   // the score fragment is the P.V A operand (K rows permuted, see kPermNote)
   auto pack_p = [&]() {
@@ -253,11 +263,12 @@ __global__ void __launch_bounds__(kThreads8, 1)
     }
   };
   // After P_{j-1}.V_{j-1} completed: o (on the max of tile j-2) moves to tile j-1's max and takes
-  // the tile's partial sum in one FMA, o = o * alpha_{j-1} + pv (pa holds alpha_{j-1}).
+  // the tile's partial sum in one FMA, o = o * alpha_{j-1} + pv (pa holds alpha_{j-1}); the row
+  // sums in o[64..67] alike.
   float pa0 = 0.f, pa1 = 0.f;
   auto rescale = [&]() {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < kNPV / 8; ++i) {
       o[4 * i] = fmaf(o[4 * i], pa0, pv[4 * i]);
       o[4 * i + 1] = fmaf(o[4 * i + 1], pa0, pv[4 * i + 1]);
       o[4 * i + 2] = fmaf(o[4 * i + 2], pa1, pv[4 * i + 2]);
@@ -313,8 +324,7 @@ __global__ void __launch_bounds__(kThreads8, 1)
   }
 
   // ---- epilogue: o / l * vs[channel] -> bf16 (rows past Lq are not written)
-  quad_sum2(l0, l1);
-  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  const float inv0 = 1.f / o[64], inv1 = 1.f / o[66];
   const int b = bh / prm.heads, h = bh % prm.heads;
   const float* vs = prm.vs + (int64_t)bh * kD + 2 * quad;
   __nv_bfloat16* out = prm.out + (int64_t)b * prm.o_sb + (int64_t)h * prm.o_sh + 2 * quad;

@@ -28,8 +28,10 @@ Algorithm (all of it in :func:`fp8_attention_reference` as plain torch, the exac
    exp2 argument) and rounded to e4m3, V e4m3 per channel; the fp8 MMA accumulates each key block
    into a fresh partial sum that is then added in fp32 (``max_num_imprecise_acc = BLOCK_N``:
    Hopper's fp8 MMA accumulator keeps only ~14 bits, the two-level accumulation of
-   SageAttention2). ``pv="bf16"``: P rounded to bf16, original bf16 V (FlashAttention-style).
-   The row sum l uses the unrounded fp32 P in both modes; output = acc / l (* V channel scale).
+   SageAttention2); the row sum l is the sum of the rounded P (the weights P.V used; the CUDA
+   kernel gets it from the P.V MMA through 8 columns of ones after V, which replaced 64 adds per
+   thread and tile: +5-6 % there). ``pv="bf16"``: P rounded to bf16, original bf16 V
+   (FlashAttention-style), l of the unrounded fp32 P. Output = acc / l (* V channel scale).
 
 Why fp8 P.V is the default: on the realistic activations of :func:`make_realistic_qkv` (L 4096,
 logit std 1-3) it adds 0.1-0.25 percentage points of relative L2 on top of the 0.4-4.4 % of the
@@ -106,7 +108,7 @@ FP8_MIN_KEYS = int(os.environ.get("S2V_FP8_ATTN_MIN_KEYS", "4096"))
 _STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
 
 if triton is not None:
-    from .fp8_gemm import _rdiv, e4m3_round
+    from .fp8_gemm import _rdiv, e4m3_round, e4m3_round_f32
 
     @triton.jit
     def _col_stats_kernel(
@@ -252,7 +254,6 @@ if triton is not None:
             else:
                 p = tl.math.exp2(s * qs[:, None] - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if PV_FP8:
                 if TMA:
@@ -263,7 +264,11 @@ if triton is not None:
                         vt = tl.load(vp, mask=n_idx[None, :] < Lk, other=0.0)
                     else:
                         vt = tl.load(vp)
-                p8 = e4m3_round(p, INTERPRET)
+                # the rounded P in fp32 for the row sum (the CUDA kernel's ones column), then a cast
+                # of exactly representable values (converting the fp8 tensor back gave NaNs here)
+                pr = e4m3_round_f32(p)
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                p8 = pr.to(tl.float8e4nv)
                 if UPCAST:
                     acc = tl.dot(p8.to(tl.float32), tl.trans(vt.to(tl.float32)), acc)
                 elif PROMOTE:
@@ -271,6 +276,7 @@ if triton is not None:
                 else:
                     acc = tl.dot(p8, tl.trans(vt), acc)
             else:
+                l_i = l_i * alpha + tl.sum(p, 1)
                 v = load_rows(v_src, n_idx, offs_d, svl, Lk, MASK_N)
                 acc = dot_upcast(to_dtype(p, v.dtype, INTERPRET), v, acc, UPCAST)
             m_i = m_ij
@@ -432,12 +438,13 @@ def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, bloc
         shift = m_new - LOG2_FP8_MAX if pv == "fp8" else m_new
         p = torch.exp2(s * qs[..., None] - shift[..., None])
         alpha = torch.exp2(m - m_new)
-        l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None]
         if pv == "fp8":
             pq = _e4m3(p).float()
+            l = l * alpha + pq.sum(-1)
         else:
             pq = p.to(v.dtype).float()
+            l = l * alpha + p.sum(-1)
         acc = acc + pq @ vv[:, :, n0:n0 + block_n]
         m = m_new
     o = acc / l[..., None]
