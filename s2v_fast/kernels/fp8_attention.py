@@ -28,10 +28,12 @@ Algorithm (all of it in :func:`fp8_attention_reference` as plain torch, the exac
    exp2 argument) and rounded to e4m3, V e4m3 per channel; the fp8 MMA accumulates each key block
    into a fresh partial sum that is then added in fp32 (``max_num_imprecise_acc = BLOCK_N``:
    Hopper's fp8 MMA accumulator keeps only ~14 bits, the two-level accumulation of
-   SageAttention2); the row sum l is the sum of the rounded P (the weights P.V used; the CUDA
-   kernel gets it from the P.V MMA through 8 columns of ones after V, which replaced 64 adds per
-   thread and tile: +5-6 % there). ``pv="bf16"``: P rounded to bf16, original bf16 V
-   (FlashAttention-style), l of the unrounded fp32 P. Output = acc / l (* V channel scale).
+   SageAttention2). The row sum l: in the CUDA kernel the sum of the rounded P (the weights P.V
+   used), which it gets from the P.V MMA through 8 columns of ones after V, replacing 64 adds per
+   thread and tile (+5-6 %); in the Triton kernel the sum of the fp32 P (rounding P in fp32 for
+   the sum cost it ~20 %); the emulation does either (``l_rounded``), the error differs by ~0.01
+   points. ``pv="bf16"``: P rounded to bf16, original bf16 V (FlashAttention-style), l of the
+   fp32 P. Output = acc / l (* V channel scale).
 
 Why fp8 P.V is the default: on the realistic activations of :func:`make_realistic_qkv` (L 4096,
 logit std 1-3) it adds 0.1-0.25 percentage points of relative L2 on top of the 0.4-4.4 % of the
@@ -108,7 +110,7 @@ FP8_MIN_KEYS = int(os.environ.get("S2V_FP8_ATTN_MIN_KEYS", "4096"))
 _STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
 
 if triton is not None:
-    from .fp8_gemm import _rdiv, e4m3_round, e4m3_round_f32
+    from .fp8_gemm import _rdiv, e4m3_round
 
     @triton.jit
     def _col_stats_kernel(
@@ -264,11 +266,11 @@ if triton is not None:
                         vt = tl.load(vp, mask=n_idx[None, :] < Lk, other=0.0)
                     else:
                         vt = tl.load(vp)
-                # the rounded P in fp32 for the row sum (the CUDA kernel's ones column), then a cast
-                # of exactly representable values (converting the fp8 tensor back gave NaNs here)
-                pr = e4m3_round_f32(p)
-                l_i = l_i * alpha + tl.sum(pr, 1)
-                p8 = pr.to(tl.float8e4nv)
+                # row sum of the unrounded P (emulation's l_rounded=False): summing the rounded
+                # values costs this kernel ~20% (H100, rounding in fp32; converting the fp8 tensor
+                # back gave NaNs), for a 0.01-point difference in the error
+                l_i = l_i * alpha + tl.sum(p, 1)
+                p8 = e4m3_round(p, INTERPRET)
                 if UPCAST:
                     acc = tl.dot(p8.to(tl.float32), tl.trans(vt.to(tl.float32)), acc)
                 elif PROMOTE:
@@ -405,9 +407,11 @@ def quantize_v_reference(v: torch.Tensor, v_amax: torch.Tensor = None):
 
 def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, block_n: int = 128,
                             k_mean: torch.Tensor = None, v_amax: torch.Tensor = None,
-                            out_dtype=None, k_scale: str = None) -> torch.Tensor:
+                            out_dtype=None, k_scale: str = None, l_rounded: bool = True) -> torch.Tensor:
     """Pure-torch emulation of the fp8 kernel: same quantisation, same online-softmax blocking
-    (key blocks of ``block_n``), fp32 arithmetic; [B, Lq, H, D] -> [B, Lq, H, D] (q.dtype)."""
+    (key blocks of ``block_n``), fp32 arithmetic; [B, Lq, H, D] -> [B, Lq, H, D] (q.dtype).
+    ``l_rounded`` (pv="fp8"): the row sum of the e4m3-rounded P (the CUDA kernel) or of the fp32
+    P (the Triton kernel)."""
     pv = pv or default_pv()
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -441,7 +445,7 @@ def fp8_attention_reference(q, k, v, softmax_scale=None, *, pv: str = None, bloc
         acc = acc * alpha[..., None]
         if pv == "fp8":
             pq = _e4m3(p).float()
-            l = l * alpha + pq.sum(-1)
+            l = l * alpha + (pq if l_rounded else p).sum(-1)
         else:
             pq = p.to(v.dtype).float()
             l = l * alpha + p.sum(-1)
@@ -723,7 +727,7 @@ def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, conf
     S2V_FP8_ATTN_K) or "token" (module docstring, 2.). ``config``: a FP8_CONFIGS-like dict
     (bypasses the tuner). ``quantized``: output of :func:`quantize_qkv` (benchmarks timing the
     attention kernel alone). Falls back to :func:`fp8_attention_reference` (same numbers, torch)
-    where the kernel cannot run."""
+    where the kernel cannot run (``l_rounded=False``, as this kernel)."""
     pv = pv or default_pv()
     if pv not in PV_MODES:
         raise ValueError(f"pv={pv!r}; use one of {PV_MODES}")
@@ -733,7 +737,7 @@ def fp8_attention(q, k, v, softmax_scale=None, *, pv: str = None, out=None, conf
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if not (fp8_attention_usable(q, k, v) and kernels_usable(out)):
-        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv, k_scale=k_scale))
+        out.copy_(fp8_attention_reference(q, k, v, scale, pv=pv, k_scale=k_scale, l_rounded=False))
         return out
     if B * H * Lq == 0:
         return out

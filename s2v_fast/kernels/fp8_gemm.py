@@ -38,29 +38,24 @@ AMAX_FLOOR = 2.0 ** -100
 if triton is not None:
 
     @triton.jit
-    def e4m3_round_f32(x):
-        """fp32 (|x| <= 448) rounded to the nearest e4m3 value (ties to even), still in fp32: normal
-        range (|x| >= 2^-6) by rounding the fp32 mantissa to 3 bits, subnormal range (spacing 2^-9)
-        with the 1.5 * 2^14 magic-number add. Exactly the GPU's ``cvt.rn.satfinite.e4m3x2.f32``."""
-        bits = x.to(tl.int32, bitcast=True)
-        neg = bits < 0  # sign bit (also for -0.0)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
-        xn = bits.to(tl.float32, bitcast=True)
-        xa = tl.abs(x)
-        xs = (xa + 24576.0) - 24576.0
-        xs = tl.where(neg, -xs, xs)
-        return tl.where(xa < 0.015625, xs, xn)
-
-    @triton.jit
     def e4m3_round(x, INTERPRET: tl.constexpr):
         """fp32 (|x| <= 448, already clamped) -> float8e4nv, round to nearest even.
 
         On the GPU the cast is ``cvt.rn.satfinite.e4m3x2.f32``. The triton 3.9 CPU interpreter's
         fp32 -> fp8 cast is wrong (a mantissa round-up does not carry into the exponent: 7.9 ->
-        4.0; ties and subnormals are truncated), so under the interpreter round by hand first
-        (:func:`e4m3_round_f32`) and hand it an exactly representable value."""
+        4.0; ties and subnormals are truncated), so under the interpreter round by hand first and
+        hand it an exactly representable value: normal range (|x| >= 2^-6) by rounding the fp32
+        mantissa to 3 bits, subnormal range (spacing 2^-9) with the 1.5 * 2^14 magic-number add.
+        """
         if INTERPRET:
-            x = e4m3_round_f32(x)
+            bits = x.to(tl.int32, bitcast=True)
+            neg = bits < 0  # sign bit (also for -0.0)
+            bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+            xn = bits.to(tl.float32, bitcast=True)
+            xa = tl.abs(x)
+            xs = (xa + 24576.0) - 24576.0
+            xs = tl.where(neg, -xs, xs)
+            x = tl.where(xa < 0.015625, xs, xn)
         return x.to(tl.float8e4nv)
 
     if hasattr(tl.math, "div_rn"):
