@@ -212,6 +212,19 @@ def test_fp8_attention_emulation_accuracy_cross(seed, k_scale):
     assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.05, acc
 
 
+def test_k_scale_setting(monkeypatch):
+    """S2V_FP8_ATTN_K picks K's scale granularity; a bad value is a one-line error naming it."""
+    q, k, v = fa8.make_realistic_qkv(1, 40, 1, 64, seed=3)
+    assert fa8.default_k_scale() == "channel" and fa8.quantize_qkv(q, k, v, 0.125, "fp8")["ks"] is None
+    monkeypatch.setenv("S2V_FP8_ATTN_K", "token")
+    assert fa8.quantize_qkv(q, k, v, 0.125, "fp8")["ks"].shape == (1, 40)
+    monkeypatch.setenv("S2V_FP8_ATTN_K", "block")
+    with pytest.raises(ValueError, match="S2V_FP8_ATTN_K='block'; use one of"):
+        fa8.quantize_qkv(q, k, v, 0.125, "fp8")
+    with pytest.raises(ValueError, match="k_scale='head'"):
+        fa8.quantize_qkv(q, k, v, 0.125, "fp8", k_scale="head")
+
+
 def test_fp8_attention_backend_registered(monkeypatch):
     from s2v_fast.kernels.attention import attention, attention_backend, available_attention_backends
 
