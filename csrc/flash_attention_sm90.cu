@@ -64,11 +64,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // ---------------------------------------------------------------- the kernel
-struct Params {
-  __nv_bfloat16* out;
-  int64_t o_sb, o_sl, o_sh;  // output strides in elements
-  int lq, lk, heads;
-  float scale_log2;          // softmax scale * log2(e)
+struct Params : OutParams {
+  float scale_log2;  // softmax scale * log2(e)
 };
 
 // Online-softmax step on one 64x128 score tile held as the wgmma accumulator fragment: thread
@@ -293,21 +290,9 @@ extern "C" int s2v_flash_attention_sm90(const void* q, const void* k, const void
   if (!err) err = make_map(&vm, v, batch, lk, heads, strides[6], strides[7], strides[8], kBlockN);
   if (err) return err;
   Params prm;
-  prm.out = static_cast<__nv_bfloat16*>(out);
-  prm.o_sb = strides[9];
-  prm.o_sl = strides[10];
-  prm.o_sh = strides[11];
-  prm.lq = lq;
-  prm.lk = lk;
-  prm.heads = heads;
+  static_cast<OutParams&>(prm) = out_params(out, strides + 9, lq, lk, heads);
   prm.scale_log2 = scale * 1.4426950408889634f;
-  static bool attr_set = false;
-  if (!attr_set) {
-    if (cudaFuncSetAttribute(flash_fwd_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kSmemBytes) != cudaSuccess)
-      return 4;
-    attr_set = true;
-  }
+  if (!allow_smem<flash_fwd_sm90>(kSmemBytes)) return 4;
   dim3 grid((lq + kBlockM - 1) / kBlockM, heads, batch);
   flash_fwd_sm90<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(qm, km, vm, prm);
   return cudaGetLastError() == cudaSuccess ? 0 : 4;

@@ -95,12 +95,9 @@ __device__ __forceinline__ int perm32_key(int n) {
   return (n & 0x11) | ((n & 0x6) << 1) | ((n & 0x8) >> 2);
 }
 
-struct Params8 {
+struct Params8 : OutParams {
   const float* qs;
   const float* vs;
-  __nv_bfloat16* out;
-  int64_t o_sb, o_sl, o_sh;
-  int lq, lk, heads;
 };
 
 template <bool kKeyScale>
@@ -340,15 +337,6 @@ __global__ void __launch_bounds__(kThreads8, 1)
   }
 }
 
-template <bool kKeyScale>
-bool set_smem_attr() {  // once per instantiation (a static per template argument)
-  static bool done = false;
-  if (!done)
-    done = cudaFuncSetAttribute(fp8_fwd_sm90<kKeyScale>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                kSmem8) == cudaSuccess;
-  return done;
-}
-
 }  // namespace
 
 // Returns 0 on success; 1 bad arguments, 2 no cuTensorMapEncodeTiled, 3 tensor-map encoding
@@ -383,22 +371,16 @@ extern "C" int s2v_fp8_attention_sm90(const void* q8, const float* qs, const voi
                          CU_TENSOR_MAP_SWIZZLE_128B);
   if (err) return err;
   Params8 prm;
+  static_cast<OutParams&>(prm) = out_params(out, o_strides, lq, lk, heads);
   prm.qs = qs;
   prm.vs = vs;
-  prm.out = static_cast<__nv_bfloat16*>(out);
-  prm.o_sb = o_strides[0];
-  prm.o_sl = o_strides[1];
-  prm.o_sh = o_strides[2];
-  prm.lq = lq;
-  prm.lk = lk;
-  prm.heads = heads;
   dim3 grid((lq + kBM - 1) / kBM, bh);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (ks != nullptr) {
-    if (!set_smem_attr<true>()) return 4;
+    if (!allow_smem<fp8_fwd_sm90<true>>(kSmem8)) return 4;
     fp8_fwd_sm90<true><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
   } else {
-    if (!set_smem_attr<false>()) return 4;
+    if (!allow_smem<fp8_fwd_sm90<false>>(kSmem8)) return 4;
     fp8_fwd_sm90<false><<<grid, kThreads8, kSmem8, st>>>(qm, km, ksm, vm, prm);
   }
   return cudaGetLastError() == cudaSuccess ? 0 : 4;

@@ -174,4 +174,27 @@ int encode_tiled(CUtensorMap* map, CUtensorMapDataType type, int rank, const voi
   return r == CUDA_SUCCESS ? 0 : 3;
 }
 
+// The output view every kernel takes (bf16 [B, Lq, H, 128], strides in elements) and the sizes;
+// each kernel's Params derives from it.
+struct OutParams {
+  __nv_bfloat16* out;
+  int64_t o_sb, o_sl, o_sh;
+  int lq, lk, heads;
+};
+
+inline OutParams out_params(void* out, const long long* o_strides, int lq, int lk, int heads) {
+  return OutParams{static_cast<__nv_bfloat16*>(out), o_strides[0], o_strides[1], o_strides[2],
+                   lq, lk, heads};
+}
+
+// Lets kKernel use `bytes` of dynamic shared memory; set once per kernel (instantiation).
+template <auto kKernel>
+bool allow_smem(int bytes) {
+  static bool done = false;
+  if (!done)
+    done = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
+           cudaSuccess;
+  return done;
+}
+
 }  // namespace
