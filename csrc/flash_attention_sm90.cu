@@ -37,6 +37,15 @@ constexpr int kThreads = 384;                        // producer + 2 consumer wa
 constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /*align*/ + 256 /*barriers*/;
 constexpr int kS = kBlockN / 2;                      // score registers per thread
 static_assert(kKVHalfBytes % 1024 == 0, "swizzle atoms need 1024-byte aligned tiles");
+// Lazy rescaling (as FlashAttention-4 does): a row keeps its running max until a tile's max exceeds
+// it by more than kLazyRescale (log2 units), so P <= 2^kLazyRescale and the 64-register rescale
+// of the output is skipped whenever no row of a warp moved, i.e. on nearly every tile after the
+// first. The result is the same softmax (numerator and row sum share the stale max). Measured +1-2%
+// over rescaling every tile (bench/NOTES.md section 15). -DS2V_LAZY_RESCALE=0 turns it off.
+#ifndef S2V_LAZY_RESCALE
+#define S2V_LAZY_RESCALE 8
+#endif
+constexpr float kLazyRescale = S2V_LAZY_RESCALE;
 
 // D[64x176] (+)= A[64x16] * B[16x176]; A and B from shared memory (descriptors), both K-major.
 __device__ __forceinline__ void wgmma_m64n176k16_ss(float (&d)[88], uint64_t desc_a, uint64_t desc_b,
@@ -91,6 +100,10 @@ __device__ __forceinline__ void softmax_step(float (&s)[kS], float (&m)[2], floa
     mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
   }
   quad_max2(mx0, mx1);
+  if (kLazyRescale > 0.f) {  // keep the old max unless exceeded by more than kLazyRescale
+    if ((mx0 - m[0]) * scale_log2 <= kLazyRescale) mx0 = m[0];  // -> alpha = exp2(0) = 1
+    if ((mx1 - m[1]) * scale_log2 <= kLazyRescale) mx1 = m[1];
+  }
   alpha[0] = exp2f((m[0] - mx0) * scale_log2);
   alpha[1] = exp2f((m[1] - mx1) * scale_log2);
   m[0] = mx0;
@@ -222,12 +235,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     reg_fence(o);
     mbar_arrive(bar.v_empty(sv));
+    if (kLazyRescale == 0.f || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      o[4 * i] *= alpha[0];
-      o[4 * i + 1] *= alpha[0];
-      o[4 * i + 2] *= alpha[1];
-      o[4 * i + 3] *= alpha[1];
+      for (int i = 0; i < 16; ++i) {
+        o[4 * i] *= alpha[0];
+        o[4 * i + 1] *= alpha[0];
+        o[4 * i + 2] *= alpha[1];
+        o[4 * i + 3] *= alpha[1];
+      }
     }
     scores_to_p(s, p);
   }
