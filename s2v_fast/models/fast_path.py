@@ -10,7 +10,8 @@ changes is how it is executed:
   norm1/norm2 + adaLN modulation -> bf16; q/k full-width RMSNorm + RoPE -> bf16; the
   cross-attention and audio q RMSNorm;
   self-attention gated residual + norm3 (affine); cross-attention residual + norm2 modulation;
-  FFN gated residual; audio LN + per-frame AdaLN; per-frame audio cross-attention (5 keys, in
+  FFN gated residual + the next block's norm1 modulation (when no audio injection or weight
+  offload sits between the two blocks; else the FFN residual alone); audio LN + per-frame AdaLN; per-frame audio cross-attention (5 keys, in
   registers); audio residual add.
 * Both CFG branches run as one batch of 2 (the pipeline passes B = 2).
 * GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
@@ -29,6 +30,7 @@ from ..kernels.audio_injection import audio_adaln, audio_residual_add, frame_cro
 from ..kernels.gated_residual import (
     gated_residual,
     gated_residual_layernorm_affine,
+    gated_residual_norm_modulate,
     residual_add_norm_modulate,
 )
 from ..kernels.norm_modulate import norm_modulate
@@ -102,8 +104,11 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: ClipCache, index: int,
-               h: torch.Tensor = None) -> torch.Tensor:
-    """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> fp32 x."""
+               h: Optional[torch.Tensor] = None, next_block=None):
+    """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> (fp32 x, h_next).
+
+    ``h``: this block's norm1 output when the previous block computed it; ``next_block``: fuse the
+    FFN residual with that block's norm1 modulation and return its input h_next (else None)."""
     sa, ca = block.self_attn, block.cross_attn
     H = sa.num_heads
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = block.modulation_terms(e0)
@@ -137,7 +142,11 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
             y2 = gelu_linear(linear(h2, block.ffn[0]), block.ffn[2])
         else:  # GELU in the first GEMM's epilogue
             y2 = linear(linear_gelu(h2, block.ffn[0]), block.ffn[2])
-    return gated_residual(x, y2, gate_ff, split)
+    if next_block is None:
+        return gated_residual(x, y2, gate_ff, split), None
+    shift_next, scale_next = next_block.modulation_terms(e0)[:2]
+    return gated_residual_norm_modulate(x, y2, gate_ff, shift_next, scale_next, split,
+                                        eps=next_block.eps, out_dtype=next_block.self_attn.q.weight.dtype)
 
 
 def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: ClipCache) -> torch.Tensor:
@@ -180,10 +189,15 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Ten
     if cache is None:
         cache = cond.cache["fast"] = build_clip_cache(model, cond)
     split = cond.num_noisy
-    for i, block in enumerate(model.blocks):
-        with trace_range(f"block{i}"):
-            x = _with_module_hooks(block, fast_block, x, e0, split, cache, i)
+    blocks, h = model.blocks, None
+    for i, block in enumerate(blocks):
         j = model.audio_injector.layer_to_index.get(i)
+        # the next block's norm1 joins this block's FFN residual unless audio injection comes in
+        # between or the next block's weights arrive in its pre-hook (layerwise offload)
+        nxt = blocks[i + 1] if (j is None and i + 1 < len(blocks)
+                                and not blocks[i + 1]._forward_pre_hooks) else None
+        with trace_range(f"block{i}"):
+            x, h = _with_module_hooks(block, fast_block, x, e0, split, cache, i, h, nxt)
         if j is not None:
             x = fast_inject_audio(model, j, x, split, cache)
     return x
