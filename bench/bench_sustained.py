@@ -45,12 +45,36 @@ M, C, FF, H, D, L, B = 65520, 5120, 13824, 40, 128, 32760, 2
 STEP_GEMM_FLOP, STEP_ATTN_FLOP = 2 * 0.836e15, 2 * 0.879e15
 
 
+def parse_samples(lines) -> list:
+    """(epoch seconds, SM MHz, W, degrees C) from ``nvidia-smi --format=csv,noheader,nounits`` lines
+    of timestamp, clocks.sm, power.draw, temperature.gpu; lines that do not parse are skipped."""
+    out = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            t = dt.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((t, float(parts[1]), float(parts[2]), float(parts[3])))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def window(samples, t0: float, t1: float) -> dict:
+    """Mean clock, power and temperature of the samples taken in [t0, t1]."""
+    s = [x for x in samples if t0 <= x[0] <= t1]
+    if not s:
+        return {}
+    return {"sm_clock_mhz": round(statistics.mean(x[1] for x in s)),
+            "power_w": round(statistics.mean(x[2] for x in s), 1),
+            "temperature_c": round(statistics.mean(x[3] for x in s), 1), "samples": len(s)}
+
+
 class SmiLog:
     """``nvidia-smi`` sampling clocks.sm / power.draw / temperature every 100 ms into a file."""
 
     def __enter__(self):
-        self.path = tempfile.mktemp(suffix=".csv")
-        self.f = open(self.path, "w")
+        fd, self.path = tempfile.mkstemp(suffix=".csv")
+        self.f = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
              "--format=csv,noheader,nounits", "-lms", "100"], stdout=self.f, stderr=subprocess.DEVNULL)
@@ -60,23 +84,12 @@ class SmiLog:
         self.proc.terminate()
         self.proc.wait()
         self.f.close()
-        self.samples = []
-        for line in open(self.path):
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                t = dt.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                self.samples.append((t, float(parts[1]), float(parts[2]), float(parts[3])))
-            except (ValueError, IndexError):
-                continue
+        with open(self.path) as f:
+            self.samples = parse_samples(f)
         os.unlink(self.path)
 
     def window(self, t0: float, t1: float) -> dict:
-        s = [x for x in self.samples if t0 <= x[0] <= t1]
-        if not s:
-            return {}
-        return {"sm_clock_mhz": round(statistics.mean(x[1] for x in s)),
-                "power_w": round(statistics.mean(x[2] for x in s), 1),
-                "temperature_c": round(statistics.mean(x[3] for x in s), 1), "samples": len(s)}
+        return window(self.samples, t0, t1)
 
 
 def run_workload(name, fn, flop, args, smi_ranges):

@@ -11,6 +11,13 @@ if [ "${1:-}" != "--one" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# S2V_CLOCK_LOG=1: log SM clock, power, temperature and throttle reasons every 250 ms for the
+# whole call into $OUT/clocks_power.csv (the step runs at the board power limit: NOTES section 15)
+if [ "${1:-}" != "--one" ] && [ -n "${S2V_CLOCK_LOG:-}" ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 250 > "$OUT/clocks_power.csv" 2>&1 &
+  trap "kill $! 2>/dev/null" EXIT
+fi
 stage() {
   case "$1" in
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -55,6 +62,9 @@ stage() {
              ncu --kernel-name regex:"flash_fwd_sm90|fp8_fwd_sm90" --launch-skip 1 --launch-count 2 \
                --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active" \
                python3 bench/ncu_attention.py > "$OUT/ncu_stalls.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_stalls.txt" | tail -c 12000 ;;
+    sustained) python3 bench/bench_sustained.py ;;
+    cudavariants) python3 bench/sweep_cuda_attention.py --variant nolazy=-DS2V_LAZY_RESCALE=0 --variant lazy8= \
+                    --variant lazy16=-DS2V_LAZY_RESCALE=16 --warmup 5 --iters 20 ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac

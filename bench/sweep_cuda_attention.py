@@ -8,7 +8,7 @@ them alike; each (variant, shape) row reports the median over rounds of the per-
 medians, plus every round's figure. Accuracy: relative L2 and cosine against fp32 attention on
 every 64th query row, on random q/k/v and on ``make_realistic_qkv`` activations (logit std 2).
 
-    python3 bench/sweep_cuda_attention.py --variant base= --variant lazy8=-DS2V_LAZY_RESCALE=8
+    python3 bench/sweep_cuda_attention.py --variant nolazy=-DS2V_LAZY_RESCALE=0 --variant lazy8=
     python3 bench/sweep_cuda_attention.py --shapes 2x32760 1x79200 --rounds 3
 Writes ``attention_cuda_variants-*.json`` and prints the fastest variant at the first shape.
 """
