@@ -11,8 +11,8 @@ changes is how it is executed:
   cross-attention and audio q RMSNorm;
   self-attention gated residual + norm3 (affine); cross-attention residual + norm2 modulation;
   FFN gated residual + the next block's norm1 modulation (when no audio injection or weight
-  offload sits between the two blocks; else the FFN residual alone); audio LN + per-frame AdaLN; per-frame audio cross-attention (5 keys, in
-  registers); audio residual add.
+  offload sits between the two blocks; else the FFN residual alone); audio LN + per-frame
+  AdaLN; per-frame audio cross-attention (5 keys, in registers); audio residual add.
 * Both CFG branches run as one batch of 2 (the pipeline passes B = 2).
 * GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
 """
