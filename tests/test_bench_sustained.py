@@ -20,3 +20,11 @@ def test_samples_parse_and_average_over_a_window():
     w = bs.window(s, t0, t0 + 1.0)  # the first two samples only
     assert w == {"sm_clock_mhz": 1568, "power_w": 701.7, "temperature_c": 62.5, "samples": 2}
     assert bs.window(s, t0 + 5, t0 + 6) == {}
+
+
+def test_step_flops_give_the_readme_floor():
+    """The floor uses the step's analytic FLOPs split as bench_dit.py splits them (GEMMs; the
+    attention cores): at the burst ceilings, 790 and 627 TFLOP/s, that is the README's 4.93 s."""
+    gemm, attn = bs.step_flops()
+    assert abs(gemm + attn - 3.4298e15) < 1e11
+    assert abs(gemm / 790e12 + attn / 627e12 - 4.93) < 0.005
