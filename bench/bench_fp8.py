@@ -267,7 +267,7 @@ class BlockRecorder:
                 L = x.shape[1]
                 rec.idx = torch.linspace(0, L - 1, min(rec.n, L), device=x.device).long()
             x_in = x.index_select(1, rec.idx).float()  # before the call: blocks update x in place
-            out = rec._orig(block, x, e0, split, cache, index, *a, **kw)  # (x, h_next)
+            out = rec._orig(block, x, e0, split, cache, index, *a, **kw)  # (x, next block's start)
             xo = out[0].index_select(1, rec.idx).float()
             rec.store[index] = (xo, xo - x_in)
             return out

@@ -1,10 +1,9 @@
 """Compile-time variants of the bf16 CUDA attention kernel (``csrc/flash_attention_sm90.cu``),
 timed side by side in one process.
 
-Each ``--variant NAME=FLAGS`` is built with nvcc (``cuda_attention.NVCC_FLAGS`` plus FLAGS, e.g.
-``-DS2V_LAZY_RESCALE=8``) and called through ctypes with the same arguments as the ``cuda``
-backend. Rounds interleave the variants (A B C A B C ...) so slow drifts of the clock hit all of
-them alike; each (variant, shape) row reports the median over rounds of the per-round CUDA-event
+Each ``--variant NAME=FLAGS`` is the ``cuda`` backend built with FLAGS added to its nvcc flags
+(``cuda_attention.cuda_attention(..., defines=FLAGS)``, e.g. ``-DS2V_LAZY_RESCALE=0``). Rounds
+interleave the variants (A B C A B C ...) so slow drifts of the clock hit all of them alike; each (variant, shape) row reports the median over rounds of the per-round CUDA-event
 medians, plus every round's figure. Accuracy: relative L2 and cosine against fp32 attention on
 every 64th query row, on random q/k/v and on ``make_realistic_qkv`` activations (logit std 2).
 
@@ -16,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import ctypes
-import math
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -35,35 +30,6 @@ from s2v_fast.kernels import cuda_attention as ca  # noqa: E402
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 
 H, D = 40, 128
-
-
-def build_variant(flags: str, out_dir: str) -> str:
-    nvcc = ca.find_nvcc()
-    if nvcc is None:
-        raise SystemExit(ca.unavailable_reason())
-    lib = os.path.join(out_dir, f"v{abs(hash(flags))}.so")
-    cmd = [nvcc, *ca.NVCC_FLAGS, *flags.split(), str(ca.source_path("bf16")), "-o", lib]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"nvcc {flags}: {res.stderr[-2000:]}")
-    return lib
-
-
-def load(lib: str):
-    _, symbol, argtypes = ca.KERNELS["bf16"]
-    fn = getattr(ctypes.CDLL(lib), symbol)
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return fn
-
-
-def call(fn, q, k, v, out):
-    B, Lq, Hh, Dd = q.shape
-    strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
-    err = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Lq, k.shape[1], Hh,
-             strides, 1.0 / math.sqrt(Dd), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-    if err:
-        raise RuntimeError(f"kernel error {err}")
-    return out
 
 
 def accuracy(out, q, k, v, stride=64):
@@ -80,11 +46,12 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--topic", default="attention_cuda_variants")
     args = ap.parse_args(argv)
-    variants = dict(v.split("=", 1) for v in (args.variant or ["base="]))
-    tmp = tempfile.mkdtemp(prefix="s2v_variants_")
-    with cf.ThreadPoolExecutor(len(variants)) as pool:  # nvcc runs are independent
-        libs = dict(zip(variants, pool.map(lambda f: build_variant(f, tmp), variants.values())))
-    fns = {name: load(lib) for name, lib in libs.items()}
+    variants = {name: tuple(flags.split()) for name, flags in
+                (v.split("=", 1) for v in (args.variant or ["base="]))}
+    with cf.ThreadPoolExecutor(len(variants)) as pool:  # the nvcc runs are independent
+        list(pool.map(lambda d: ca.build("bf16", defines=d), variants.values()))
+    fns = {name: (lambda q, k, v, d=d: ca.cuda_attention(q, k, v, defines=d))
+           for name, d in variants.items()}
     cudnn = attn_registry._BACKENDS["cudnn"]
     rows = []
     for shape in args.shapes:
@@ -93,16 +60,15 @@ def main(argv=None):
         qkv = torch.randn(B, L, 3, H, D, device="cuda").to(torch.bfloat16)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         rq, rk, rv = fa8.make_realistic_qkv(1, min(L, 8192), H, D, device="cuda", seed=1)
-        out = torch.empty_like(q)
         flops = 4.0 * B * H * D * L * L
         acc, per_round = {}, {name: [] for name in ["cudnn", *fns]}
         base_out = None
         for name, fn in fns.items():
-            got = call(fn, q, k, v, out).clone()
+            got = fn(q, k, v)
             base_out = got if base_out is None else base_out
             acc[name] = dict(**{f"{m}_vs_fp32": x for m, x in accuracy(got, q, k, v).items()},
                              **{f"{m}_vs_fp32_realistic": x for m, x in
-                                accuracy(call(fn, rq, rk, rv, torch.empty_like(rq)), rq, rk, rv).items()},
+                                accuracy(fn(rq, rk, rv), rq, rk, rv).items()},
                              max_abs_diff_vs_first=(got.float() - base_out.float()).abs().max().item())
             del got
         acc["cudnn"] = {f"{m}_vs_fp32": x for m, x in accuracy(cudnn(q, k, v), q, k, v).items()}
@@ -110,16 +76,17 @@ def main(argv=None):
             per_round["cudnn"].append(time_ms(lambda: cudnn(q, k, v), args.warmup, args.iters)["median_ms"])
             for name, fn in fns.items():
                 per_round[name].append(
-                    time_ms(lambda: call(fn, q, k, v, out), args.warmup, args.iters)["median_ms"])
+                    time_ms(lambda: fn(q, k, v), args.warmup, args.iters)["median_ms"])
         for name, times in per_round.items():
             med = sorted(times)[len(times) // 2]
-            row = dict(name=f"attention_{name}_{shape}", variant=name, flags=variants.get(name, "cudnn"),
+            flags = " ".join(variants[name]) if name in variants else "cudnn"
+            row = dict(name=f"attention_{name}_{shape}", variant=name, flags=flags,
                        batch=B, tokens=L, keys=L, heads=H, head_dim=D, median_ms=med,
                        round_medians_ms=times, TFLOPs=flops / med / 1e9, **acc[name])
             rows.append(row)
             print(f"{row['name']:40s} {med:9.3f} ms {row['TFLOPs']:7.1f} TFLOP/s  rounds "
                   + " ".join(f"{flops / t / 1e9:.0f}" for t in times), flush=True)
-        del qkv, q, k, v, out, base_out
+        q = k = v = qkv = base_out = None  # free before the next shape
         torch.cuda.empty_cache()
     path = write_results(args.topic, rows)
     first = [r for r in rows if r["tokens"] == rows[0]["tokens"] and r["variant"] in fns]

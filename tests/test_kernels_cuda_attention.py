@@ -77,6 +77,29 @@ def test_large_logits_and_determinism():
 
 @needs_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("nats_per_tile", [12.0, 2.0])
+def test_lazy_rescaling_with_logits_rising_along_the_keys(nats_per_tile):
+    """Logits that grow along the keys: by ~17 log2 units per 176-key tile every row's max moves
+    past the lazy threshold (2^8) on every tile, so the output is rescaled each time; by ~3 units
+    the rows keep a stale max for a few tiles and P grows past 1 before a rescale. Both match the
+    reference, and the kernel built without lazy rescaling (-DS2V_LAZY_RESCALE=0) agrees."""
+    gen = torch.Generator().manual_seed(5)
+    Lq, Lk, H = 200, 1400, 2
+    q = torch.randn(1, Lq, H, 128, generator=gen) * 0.3
+    k = torch.randn(1, Lk, H, 128, generator=gen) * 0.3
+    q[..., 0] = 4.0  # logit ramp: q.k / sqrt(128) grows by nats_per_tile every 176 keys
+    k[..., 0] = torch.arange(Lk).float()[None, :, None] * nats_per_tile / 176 * 128 ** 0.5 / 4.0
+    v = torch.randn(1, Lk, H, 128, generator=gen)
+    q, k, v = (t.to(torch.bfloat16).cuda() for t in (q, k, v))
+    ref = attention_reference(q, k, v).double()
+    lazy = ca.cuda_attention(q, k, v)
+    eager = ca.cuda_attention(q, k, v, defines=("-DS2V_LAZY_RESCALE=0",))
+    assert (lazy.double() - ref).abs().max().item() <= TOL
+    assert (eager.double() - ref).abs().max().item() <= TOL
+
+
+@needs_kernel
+@pytest.mark.gpu
 def test_unsupported_inputs_fall_back_to_sdpa():
     q, k, v = make(1, 100, 100, 2, seed=5)
     for qq, kk, vv in ((q.half(), k.half(), v.half()), (q[..., :64], k[..., :64], v[..., :64])):
@@ -252,7 +275,7 @@ def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
 def test_failed_build_is_not_retried(tmp_path, monkeypatch):
     calls = []
 
-    def failing_build(kernel="bf16"):
+    def failing_build(kernel="bf16", defines=()):
         calls.append(kernel)
         raise RuntimeError("nvcc failed to build flash_attention_sm90.cu: boom")
 

@@ -91,9 +91,11 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def build(kernel: str = "bf16") -> Path:
+def build(kernel: str = "bf16", defines: tuple = ()) -> Path:
     """Compile ``kernel``'s library once per source (with the shared header), flags and nvcc
-    version, and return its path."""
+    version, and return its path. ``defines``: extra nvcc flags such as
+    ``("-DS2V_LAZY_RESCALE=0",)``, the compile-time variants ``bench/sweep_cuda_attention.py``
+    times; part of the cache key."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError(unavailable_reason() or "nvcc not found")
@@ -101,14 +103,15 @@ def build(kernel: str = "bf16") -> Path:
     header = src.parent / "sm90_common.cuh"
     src_bytes = src.read_bytes() + (header.read_bytes() if header.is_file() else b"")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src_bytes + " ".join(NVCC_FLAGS).encode() + version.encode()).hexdigest()[:16]
+    flags = [*NVCC_FLAGS, *defines]
+    key = hashlib.sha256(src_bytes + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{src.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [nvcc, *NVCC_FLAGS, str(src), "-o", tmp]
+    cmd = [nvcc, *flags, str(src), "-o", tmp]
     print(f"s2v_fast: building {src.name} with nvcc (first use; cached in {lib.parent})",
           file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -119,21 +122,22 @@ def build(kernel: str = "bf16") -> Path:
     return lib
 
 
-def _load(kernel: str):
+def _load(kernel: str, defines: tuple = ()):
+    key = (kernel, *defines)
     with _lock:
-        if kernel in _failed:
-            raise RuntimeError(_failed[kernel])
-        if kernel not in _libs:
+        if key in _failed:
+            raise RuntimeError(_failed[key])
+        if key not in _libs:
             _, symbol, argtypes = KERNELS[kernel]
             try:
-                fn = getattr(ctypes.CDLL(str(build(kernel))), symbol)
+                fn = getattr(ctypes.CDLL(str(build(kernel, defines=defines))), symbol)
             except (OSError, RuntimeError, AttributeError) as e:
-                _failed[kernel] = str(e)
+                _failed[key] = str(e)
                 raise RuntimeError(str(e)) from e
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
-            _libs[kernel] = fn
-    return _libs[kernel]
+            _libs[key] = fn
+    return _libs[key]
 
 
 def _check(err: int, what: str) -> None:
@@ -157,10 +161,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   softmax_scale: Optional[float] = None) -> torch.Tensor:
+                   softmax_scale: Optional[float] = None, *, defines: tuple = ()) -> torch.Tensor:
     """q [B, Lq, H, 128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> [B, Lq, H, 128] bf16.
 
-    Other inputs are computed by cuDNN SDPA (same contract)."""
+    Other inputs are computed by cuDNN SDPA (same contract). ``defines``: a compile-time variant
+    of the kernel (:func:`build`; benchmarks and tests)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -168,7 +173,7 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .attention import _BACKENDS
 
         return _BACKENDS["cudnn"](q, k, v) if softmax_scale is None else _sdpa_scaled(q, k, v, scale)
-    fn = _load("bf16")
+    fn = _load("bf16", tuple(defines))
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with torch.cuda.device(q.device):

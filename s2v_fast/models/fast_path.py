@@ -104,17 +104,21 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: ClipCache, index: int,
-               h: Optional[torch.Tensor] = None, next_block=None):
-    """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> (fp32 x, h_next).
+               start=None, next_block=None):
+    """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> (fp32 x, next start).
 
-    ``h``: this block's norm1 output when the previous block computed it; ``next_block``: fuse the
-    FFN residual with that block's norm1 modulation and return its input h_next (else None)."""
+    ``start``: (norm1 output h, modulation terms) of this block when the previous block computed
+    them; ``next_block``: fuse the FFN residual with that block's norm1 modulation and return its
+    start (else None)."""
     sa, ca = block.self_attn, block.cross_attn
     H = sa.num_heads
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = block.modulation_terms(e0)
-    if h is None:  # norm1 + modulation -> bf16 (block 0 rounds the normalised value: x is bf16)
-        h = norm_modulate(x, shift_sa, scale_sa, split, eps=block.eps,
+    if start is None:  # norm1 + modulation -> bf16 (block 0 rounds the normalised value: x is bf16)
+        terms = block.modulation_terms(e0)
+        h = norm_modulate(x, terms[0], terms[1], split, eps=block.eps,
                           round_normed_to_bf16=x.dtype == torch.bfloat16, out_dtype=sa.q.weight.dtype)
+    else:
+        h, terms = start
+    _, _, gate_sa, shift_ff, scale_ff, gate_ff = terms  # shift/scale_sa: in h
     with trace_range("self_attention"):
         if sa.v.weight.dtype == torch.bfloat16:
             q, k, v = same_input_linears(h, (sa.q, sa.k, sa.v))  # fp8: one activation quantisation
@@ -144,9 +148,11 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
             y2 = linear(linear_gelu(h2, block.ffn[0]), block.ffn[2])
     if next_block is None:
         return gated_residual(x, y2, gate_ff, split), None
-    shift_next, scale_next = next_block.modulation_terms(e0)[:2]
-    return gated_residual_norm_modulate(x, y2, gate_ff, shift_next, scale_next, split,
-                                        eps=next_block.eps, out_dtype=next_block.self_attn.q.weight.dtype)
+    terms_next = next_block.modulation_terms(e0)
+    x, h_next = gated_residual_norm_modulate(x, y2, gate_ff, terms_next[0], terms_next[1], split,
+                                             eps=next_block.eps,
+                                             out_dtype=next_block.self_attn.q.weight.dtype)
+    return x, (h_next, terms_next)
 
 
 def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: ClipCache) -> torch.Tensor:
@@ -189,7 +195,7 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Ten
     if cache is None:
         cache = cond.cache["fast"] = build_clip_cache(model, cond)
     split = cond.num_noisy
-    blocks, h = model.blocks, None
+    blocks, start = model.blocks, None
     for i, block in enumerate(blocks):
         j = model.audio_injector.layer_to_index.get(i)
         # the next block's norm1 joins this block's FFN residual unless audio injection comes in
@@ -197,7 +203,7 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Ten
         nxt = blocks[i + 1] if (j is None and i + 1 < len(blocks)
                                 and not blocks[i + 1]._forward_pre_hooks) else None
         with trace_range(f"block{i}"):
-            x, h = _with_module_hooks(block, fast_block, x, e0, split, cache, i, h, nxt)
+            x, start = _with_module_hooks(block, fast_block, x, e0, split, cache, i, start, nxt)
         if j is not None:
             x = fast_inject_audio(model, j, x, split, cache)
     return x
