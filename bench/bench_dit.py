@@ -89,8 +89,6 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         return r
 
     inp2 = make_inputs(model, H, W, frames=frames, batch=2, motion=True, seed=H + W)
-    for k in ("ref_latents", "motion_latents", "cond_states"):  # batch 2, as the CFG denoiser passes
-        inp2[k] = torch.cat([inp2[k], inp2[k]])
 
     if "forward" in modes:
         model.precision = "reference"

@@ -160,6 +160,31 @@ def case_audio_residual_add(cfg, L, Lv, Nf, dev):
     return (lambda: ai.audio_residual_add(x, y), ref, Lv * cfg.C * (4 + 2 + 4))
 
 
+def case_text_attention(cfg, L, Lv, Nf, dev, lens=(37, 118), text_len=512, flash=False):
+    """Text cross-attention of the CFG batch (prompt / negative prompt of `lens` rows, zero-padded
+    to 512): compacted keys + key bias in the Triton kernel vs cuDNN over the 512 padded keys
+    (what ``auto`` picked before, profile_dit448_lazy)."""
+    from s2v_fast.kernels.attention import _BACKENDS
+    from s2v_fast.models.text_kv import compact_text_kv, text_attention
+
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q = _randn(2, L, cfg.H, cfg.D, dev=dev, dtype=dt)
+    k = _randn(2, text_len, cfg.H, cfg.D, dev=dev, dtype=dt)
+    v = _randn(2, text_len, cfg.H, cfg.D, dev=dev, dtype=dt)
+    for b, n in enumerate(lens):  # padding rows share one k/v row, as after the text MLP
+        k[b, n:], v[b, n:] = k[b, -1], v[b, -1]
+    kc, vc, bias = compact_text_kv(k, v, lens)
+    full = _BACKENDS["cudnn"] if dev == "cuda" else fa.attention_reference
+    fast = (lambda: fa.triton_attention(q, kc, vc, key_bias=bias)) if flash else \
+        (lambda: text_attention(q, kc, vc, bias))
+    return fast, lambda: full(q, k, v), 2 * L * cfg.C * (2 + 2)
+
+
+def case_text_attention_flash(cfg, L, Lv, Nf, dev):
+    """As text_attention, with the compacted keys in the flash kernel instead of the short-key one."""
+    return case_text_attention(cfg, L, Lv, Nf, dev, flash=True)
+
+
 KERNEL_CASES = {
     "norm_modulate": case_norm_modulate,
     "rms_norm": case_rms_norm,
@@ -171,6 +196,8 @@ KERNEL_CASES = {
     "audio_adaln": case_audio_adaln,
     "frame_cross_attention": case_frame_cross_attention,
     "audio_residual_add": case_audio_residual_add,
+    "text_attention": case_text_attention,
+    "text_attention_flash": case_text_attention_flash,
 }
 # In-place ops: compare outputs on fresh copies, not on the drifting benchmark buffers.
 _NO_DIFF = {"gated_residual", "audio_residual_add", "gated_residual_layernorm_affine",

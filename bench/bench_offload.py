@@ -142,8 +142,6 @@ def main(argv=None):
           f"({block_params_gb:.2f} GB in {nb} blocks), built in {build_s:.1f} s", flush=True)
 
     inp = make_inputs(model, H, W, frames=frames, batch=2, motion=True)
-    for k in ("ref_latents", "motion_latents", "cond_states"):  # batch 2, as the CFG denoiser passes
-        inp[k] = torch.cat([inp[k], inp[k]])
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=x.shape[0], **inp)
     tokens = cond.seq_len

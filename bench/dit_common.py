@@ -44,7 +44,9 @@ def build_random_dit(preset: str = "wan2.2-s2v-14b", device="cuda", dtype=torch.
 
 def make_inputs(model: S2VTransformer, height: int, width: int, frames: int = 80, batch: int = 2,
                 motion: bool = True, seed: int = 1, text_lens=(37, 118)) -> dict:
-    """Keyword arguments of ``model(...)`` for one CFG step (batch 2 = cond + uncond)."""
+    """Keyword arguments of ``model(...)`` for one CFG step (batch 2 = cond + uncond), as the
+    denoiser passes them: one latent x [1, ...] and one timestep for both branches, batch-1
+    reference / motion / pose inputs, one context and audio per branch."""
     c = model.config
     dev, dt = model.device, model.compute_dtype
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -58,8 +60,8 @@ def make_inputs(model: S2VTransformer, height: int, width: int, frames: int = 80
     if batch == 2:
         audio[1].zero_()  # the uncond branch sees zero audio (spec §8.5)
     return dict(
-        x=rnd(batch, c.in_dim, F_, lh, lw),
-        t=torch.full((batch,), 749, device=dev, dtype=torch.long),
+        x=rnd(1, c.in_dim, F_, lh, lw),
+        t=torch.full((1,), 749, device=dev, dtype=torch.long),
         context=context,
         ref_latents=rnd(1, c.in_dim, 1, lh, lw, dtype=torch.float32),
         motion_latents=rnd(1, c.in_dim, 19, lh, lw, dtype=torch.float32),

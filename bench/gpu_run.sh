@@ -25,7 +25,7 @@ stage() {
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_path.py ;;
     quicktests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rms_norm.py tests/test_kernels_qk_norm_rope.py tests/test_offload.py tests/test_fp8.py ;;
     kernels) python3 bench/bench_kernels.py --quick ;;
-    dit448) python3 bench/bench_dit.py --sizes 448x832 --modes forward,reference,fast,fast_sep_gelu ;;
+    dit448) python3 bench/bench_dit.py --sizes 448x832 --modes ${DIT_MODES:-forward,reference,fast,fast_sep_gelu} --topic ${DIT_TOPIC:-dit} ;;
     dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --warmup 0 --iters 2 --topic dit704 ;;
     compile) python3 bench/bench_dit.py --sizes 448x832 --modes fast,compile --topic dit_compile ;;
     vae) python3 bench/bench_vae.py ;;
@@ -66,6 +66,8 @@ stage() {
     cudavariants) python3 bench/sweep_cuda_attention.py --variant nolazy=-DS2V_LAZY_RESCALE=0 --variant lazy8= \
                     --variant lazy16=-DS2V_LAZY_RESCALE=16 --warmup 5 --iters 20 ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
+    gputext) python3 -m pytest -q -p no:cacheprovider -rs tests/test_text_kv.py tests/test_kernels_flash_attention.py ;;
+    textattn) python3 bench/bench_kernels.py --quick --only kernel_text_attention --topic kernels_text_attention ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }

@@ -50,8 +50,6 @@ def main(argv=None):
         quantize_dit(model, args.quantization, attention="fp8" if fp8_attn else False)
     H, W = args.height, args.width
     inp = make_inputs(model, H, W, batch=2)
-    for k in ("ref_latents", "motion_latents", "cond_states"):
-        inp[k] = torch.cat([inp[k], inp[k]])
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **inp)
     model.forward_step(x, t, cond)  # warm-up: Triton compiles, attention auto-selection

@@ -29,10 +29,9 @@ class CFGDenoiser:
         common = dict(ref_latents=ref_latents, motion_latents=motion_latents, cond_states=cond,
                       drop_motion_frames=drop_motion)
         zero_audio = torch.zeros_like(audio_input)
-        if self.batch_cfg:
-            two = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in common.items()}
+        if self.batch_cfg:  # batch-1 video inputs: the DiT knows the two rows share them
             self.branches = [dict(context=[context, context_null],
-                                  audio_input=torch.cat([audio_input, zero_audio]), **two)]
+                                  audio_input=torch.cat([audio_input, zero_audio]), **common)]
         else:
             self.branches = [dict(context=[context], audio_input=audio_input, **common)]
             if self.use_cfg:
@@ -52,7 +51,7 @@ class CFGDenoiser:
         x_in = x.to(self.dtype)
         if self.batch_cfg:
             with trace_range("cfg:batch2"):
-                v = self._call(0, torch.cat([x_in, x_in]), t.expand(2))
+                v = self._call(0, x_in, t)  # one latent, both branches (the DiT broadcasts it)
             v_cond, v_uncond = v[:1].float(), v[1:].float()
         else:
             with trace_range("cfg:cond"):

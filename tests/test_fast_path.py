@@ -100,3 +100,52 @@ def test_ffn_residual_fuses_next_norm1_where_nothing_sits_between(monkeypatch):
         hnd.remove()
     assert not calls
     assert ((out - unfused).float().norm() / unfused.float().norm()).item() <= 5e-3
+
+
+def test_cfg_rows_share_block0_self_attention(monkeypatch):
+    """One latent for both CFG branches (batch-1 x, one timestep, batch-1 video inputs): block 0's
+    self-attention runs on one row, the rest of the step on two, and the output matches the step
+    given the latent twice. Same kernels and rounding points; only the GEMM row count differs (on
+    CPU the outputs are bitwise equal; cuBLAS may pick another algorithm for M/2 rows, so the
+    bound is a bf16 ulp flip propagated: 2e-3 rel L2)."""
+    torch.manual_seed(0)
+    model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
+    model.precision = "fast"
+    inp = _bf16_inputs(model.config)
+    x1 = inp.pop("x")[:1]
+    inp.pop("t")
+    rows = []
+    attend = type(model.blocks[0].self_attn).attend
+    for i, blk in enumerate(model.blocks):
+        monkeypatch.setattr(blk.self_attn, "attend",
+                            lambda q, k, v, i=i, m=blk.self_attn: rows.append((i, q.shape[0])) or attend(m, q, k, v))
+    shared = model(x=x1, t=torch.tensor([749]), **inp)
+    assert rows == [(0, 1)] + [(i, 2) for i in range(1, len(model.blocks))]
+    rows.clear()
+    twice = model(x=x1.repeat(2, 1, 1, 1, 1), t=torch.tensor([749, 749]), **inp)
+    assert all(b == 2 for _, b in rows)
+    assert shared.shape == twice.shape == (2, *x1.shape[1:])
+    assert ((shared - twice).float().norm() / twice.float().norm()).item() <= 2e-3
+    model.precision = "reference"  # the reference path broadcasts a batch-1 x the same way
+    assert torch.equal(model(x=x1, t=torch.tensor([749]), **inp),
+                       model(x=x1.repeat(2, 1, 1, 1, 1), t=torch.tensor([749, 749]), **inp))
+
+
+def test_fast_cfg_batch_reproduces_golden_fp32():
+    """The denoiser's batch-2 call (shared rows + compacted text keys) on the fast path against the
+    official cond / uncond outputs (fp32 golden; kernels' fp32 variants keep 1e-5)."""
+    from s2v_fast.denoiser import CFGDenoiser
+
+    model = _golden_model()
+    model.precision = "fast"
+    inp = load_fixture("dit", "inputs.safetensors")
+    kw = dict(context=inp["context_pos"], context_null=inp["context_neg"],
+              ref_latents=inp["ref_latents"], motion_latents=inp["motion_latents"], cond=None,
+              audio_input=inp["audio_clip1"], drop_motion=False)
+    den = CFGDenoiser(model, torch.float32, 4.5, True, **kw)
+    _, c, u = den(inp["x_clip1"][None], inp["t_clip1"])
+    kc = den.prepared[0].cache["fast"].text_kv[0][0]  # compacted: longest prompt + 1 padding key
+    assert kc.shape[1] == 1 + max(inp["context_pos"].shape[0], inp["context_neg"].shape[0])
+    assert kc.shape[1] < model.config.text_len
+    assert rel_err(c[0], load_fixture("dit", "case_clip1_with_motion.safetensors")["output"]) <= 1e-5
+    assert rel_err(u[0], load_fixture("dit", "case_clip1_uncond.safetensors")["output"]) <= 1e-5

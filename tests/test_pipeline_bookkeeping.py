@@ -44,7 +44,7 @@ class SpyDiT(torch.nn.Module):
         self.calls.append(dict(x=x.clone(), t=t.clone(), context=[c.clone() for c in context],
                                ref=ref_latents.clone(), motion=motion_latents.clone(),
                                cond=cond_states, audio=audio_input.clone(), drop=drop_motion_frames))
-        return torch.zeros(x.shape, dtype=torch.float32)
+        return torch.zeros((len(context), *x.shape[1:]), dtype=torch.float32)  # one row per branch
 
 
 def frames_of(decode_call, idx):
@@ -102,14 +102,15 @@ def test_default_motion_drop_and_trim():
     assert out.num_frames == frames_for_clips(3, NF, True) == 5 + 8 + 8
     assert frame_values(out.video.unsqueeze(0)) == clip0 + clip1 + clip2
 
-    # DiT calls: one batch-2 call per step; motion latents and drop flag per clip
+    # DiT calls: one batch-2 call per step (one latent and batch-1 video inputs shared by the two
+    # branches, two contexts and audios); motion latents and drop flag per clip
     assert len(dit.calls) == 3 * STEPS
     for r in range(3):
         for c in dit.calls[r * STEPS:(r + 1) * STEPS]:
-            assert c["x"].shape[0] == 2 and torch.equal(c["x"][0], c["x"][1])
+            assert c["x"].shape[0] == 1 and c["t"].numel() == 1 and len(c["context"]) == 2
             assert c["drop"] == (r == 0)
-            assert torch.all(c["motion"] == [200.0, 300.0, 400.0][r])
-            assert torch.equal(c["ref"], torch.cat([ref_lat, ref_lat]))
+            assert torch.all(c["motion"] == [200.0, 300.0, 400.0][r]) and c["motion"].shape[0] == 1
+            assert torch.equal(c["ref"], ref_lat)
             assert c["cond"] is None  # no pose: zero condition
             assert torch.equal(c["context"][0], ctx) and torch.equal(c["context"][1], ctx_neg)
             assert torch.count_nonzero(c["audio"][1]) == 0 and torch.count_nonzero(c["audio"][0]) > 0

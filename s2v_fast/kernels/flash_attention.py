@@ -77,10 +77,10 @@ if triton is not None:
     @triton.jit
     def _attn_inner(
         acc, l_i, m_i, q,
-        k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale,
+        k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, bias_row,
         lo, hi,
         BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, TMA: tl.constexpr,
-        UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         for start_n in tl.range(lo, hi, BLOCK_N):
             if TMA:
@@ -90,8 +90,14 @@ if triton is not None:
             qk = dot_upcast(q, tl.trans(k), None, UPCAST)
             if MASK_N:
                 qk = tl.where((start_n + offs_n)[None, :] < Lk, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            if HAS_BIAS:  # per-key logit bias, pre-scaled by log2(e): s = qk*scale*log2e + bias
+                kb = tl.load(bias_row + start_n + offs_n, mask=(start_n + offs_n) < Lk, other=0.0)
+                qk = qk * qk_scale + kb[None, :]
+                m_ij = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_ij[:, None])
+            else:
+                m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -105,11 +111,11 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O,
+        Q, K, V, O, BIAS,
         qk_scale, H, Lq, Lk,
-        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, sbb,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+        TMA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -122,6 +128,7 @@ if triton is not None:
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         o_base = O + b * sob + h * soh
+        bias_row = BIAS + b * sbb
         if TMA:
             q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[sql, 1], block_shape=[BLOCK_M, D])
             k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skl, 1], block_shape=[BLOCK_N, D])
@@ -136,12 +143,12 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         n_full = (Lk // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_inner(
-            acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, 0, n_full,
-            BLOCK_N, False, TMA, UPCAST, INTERPRET)
+            acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, bias_row, 0, n_full,
+            BLOCK_N, False, TMA, HAS_BIAS, UPCAST, INTERPRET)
         if n_full < Lk:
             acc, l_i, m_i = _attn_inner(
-                acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, n_full, Lk,
-                BLOCK_N, True, TMA, UPCAST, INTERPRET)
+                acc, l_i, m_i, q, k_src, v_src, offs_n, offs_d, skl, svl, Lk, qk_scale, bias_row,
+                n_full, Lk, BLOCK_N, True, TMA, HAS_BIAS, UPCAST, INTERPRET)
         out = to_dtype(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
         if TMA:
             o_desc = tl.make_tensor_descriptor(o_base, shape=[Lq, D], strides=[sol, 1], block_shape=[BLOCK_M, D])
@@ -150,12 +157,14 @@ if triton is not None:
             tl.store(o_base + offs_m[:, None] * sol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
 
 
-def attention_reference(q, k, v, softmax_scale=None):
-    """fp32 softmax attention, [B, L, H, D] layout, output in q.dtype."""
+def attention_reference(q, k, v, softmax_scale=None, key_bias=None):
+    """fp32 softmax attention, [B, L, H, D] layout, output in q.dtype; ``key_bias`` [B, Lk] is
+    added to every logit of key j (natural-log units, after the scale; -inf drops the key)."""
     D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
+    mask = None if key_bias is None else key_bias.float()[:, None, None, :]
+    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
     return o.transpose(1, 2).to(q.dtype)
 
 
@@ -176,7 +185,8 @@ def _config_usable(cfg, tma_ok):
 _TUNED: dict = {}
 
 
-def _launch(cfg, q, k, v, out, scale):
+def _launch(cfg, q, k, v, out, scale, bias=None):
+    """``bias``: [B, Lk] fp32 in log2 units (key_bias * log2(e)), or None."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     interp = is_interpreter()
@@ -184,23 +194,24 @@ def _launch(cfg, q, k, v, out, scale):
         ensure_tma_allocator()
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, bias if bias is not None else out,
         scale * _LOG2E, H, Lq, Lk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        bias.stride(0) if bias is not None else 0,
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        TMA=bool(cfg.get("TMA")), UPCAST=interp, INTERPRET=interp,
+        TMA=bool(cfg.get("TMA")), HAS_BIAS=bias is not None, UPCAST=interp, INTERPRET=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
-def _pick_config(q, k, v, out, scale):
+def _pick_config(q, k, v, out, scale, bias=None):
     B, Lq, H, D = q.shape
     tma_ok = _tma_ok(q, k, v, out)
     forced = os.environ.get("S2V_FLASH_CONFIG")
     if forced is not None:
         return FLASH_CONFIGS[int(forced)]
-    key = (D, q.dtype, shape_bucket(Lq), shape_bucket(k.shape[1]), tma_ok)
+    key = (D, q.dtype, shape_bucket(Lq), shape_bucket(k.shape[1]), tma_ok, bias is not None)
     if key in _TUNED:
         return _TUNED[key]
     cands = [c for c in FLASH_CONFIGS if _config_usable(c, tma_ok)]
@@ -214,13 +225,13 @@ def _pick_config(q, k, v, out, scale):
     best, best_t, baseline = None, float("inf"), None
     for cfg in cands:
         try:
-            _launch(cfg, q, k, v, out, scale)
+            _launch(cfg, q, k, v, out, scale, bias)
             if baseline is None:
                 baseline = out.clone()
             elif not outputs_agree(out, baseline):  # a miscompiled variant must never win
                 continue
             if tune:
-                t = do_bench(lambda: _launch(cfg, q, k, v, out, scale), warmup=10, rep=40)
+                t = do_bench(lambda: _launch(cfg, q, k, v, out, scale, bias), warmup=10, rep=40)
             else:
                 t = 0.0
         except Exception:  # config does not compile / run on this triton or GPU: skip it
@@ -235,32 +246,37 @@ def _pick_config(q, k, v, out, scale):
     return best
 
 
-def triton_attention(q, k, v, softmax_scale=None, *, out=None, config=None):
+def triton_attention(q, k, v, softmax_scale=None, *, out=None, config=None, key_bias=None):
     """q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16, last dim contiguous) -> [B, Lq, H, D] q.dtype.
 
-    `config` (a dict like the FLASH_CONFIGS entries) bypasses the tuner (benchmarks, tests)."""
+    ``key_bias`` [B, Lk] (fp32, natural-log units): added to the logit of key j in batch b after
+    the scale, -inf drops the key (compacted text keys, ``models/text_kv.py``); every row must keep
+    a finite key in the first BLOCK_N keys. `config` (a dict like the FLASH_CONFIGS entries)
+    bypasses the tuner (benchmarks, tests)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     dtypes = (torch.bfloat16, torch.float16) + ((torch.float32,) if is_interpreter() else ())
+    bias_ok = key_bias is None or (key_bias.shape == (B, Lk) and kernels_usable(key_bias))
     ok = (
-        kernels_usable(q, k, v, out)
+        kernels_usable(q, k, v, out) and bias_ok
         and q.dim() == 4 and k.shape == (B, Lk, H, D) and v.shape == k.shape
         and D in _SUPPORTED_D and q.dtype in dtypes
         and k.dtype == q.dtype and v.dtype == q.dtype and out.dtype == q.dtype
         and all(t.stride(-1) == 1 for t in (q, k, v, out))
     )
     if not ok:
-        out.copy_(attention_reference(q, k, v, scale))
+        out.copy_(attention_reference(q, k, v, scale, key_bias))
         return out
     if B * H * Lq == 0:
         return out
     if Lk == 0:
         return out.zero_()
-    cfg = config if config is not None else _pick_config(q, k, v, out, scale)
+    bias = None if key_bias is None else (key_bias.float() * _LOG2E).contiguous()
+    cfg = config if config is not None else _pick_config(q, k, v, out, scale, bias)
     if config is not None and cfg.get("TMA") and not _tma_ok(q, k, v, out):
         cfg = dict(cfg, TMA=False)
-    _launch(cfg, q, k, v, out, scale)
+    _launch(cfg, q, k, v, out, scale, bias)
     return out

@@ -87,6 +87,11 @@ class S2VConditions:
     segment_ids: torch.Tensor  # [L] int64
     drop_motion_frames: bool
     cache: dict = field(default_factory=dict)  # per-clip caches of the fast path (fast_path.py)
+    # text rows per batch item before padding (rows >= text_lens[b] of ``context`` are identical)
+    text_lens: Optional[Tuple[int, ...]] = None
+    # every batch item has the same reference / motion / pose inputs (the CFG branches): with a
+    # batch-1 x and one timestep the rows are identical up to the first text cross-attention
+    shared_video: bool = False
 
     @property
     def num_noisy(self) -> int:
@@ -162,8 +167,8 @@ class S2VTransformer(nn.Module):
             self.debug[name] = value.detach().clone() if torch.is_tensor(value) else value
 
     # ------------------------------------------------------------------ embeddings
-    def embed_text(self, context, batch: int) -> torch.Tensor:
-        """Zero-pad each [L_i, text_dim] to text_len rows -> text MLP -> [B, text_len, dim]."""
+    def text_rows(self, context, batch: int) -> list:
+        """The batch's text contexts as a list of [L_i, text_dim] tensors (validated)."""
         c = self.config
         if isinstance(context, (list, tuple)):
             rows = list(context)
@@ -175,14 +180,19 @@ class S2VTransformer(nn.Module):
             rows = rows * batch
         if len(rows) != batch:
             raise InputError(f"got {len(rows)} text contexts for batch {batch}; pass one per batch item")
-        padded = []
         for r in rows:
             if r.dim() != 2 or r.shape[1] != c.text_dim:
                 raise InputError(f"text context has shape {list(r.shape)}, expected [L, {c.text_dim}]")
             if r.shape[0] > c.text_len:
                 raise InputError(f"text context has {r.shape[0]} rows > text_len {c.text_len}; "
                                  "shorten the prompt")
-            padded.append(torch.cat([r, r.new_zeros(c.text_len - r.shape[0], r.shape[1])]))
+        return rows
+
+    def embed_text(self, context, batch: int) -> torch.Tensor:
+        """Zero-pad each [L_i, text_dim] to text_len rows -> text MLP -> [B, text_len, dim]."""
+        c = self.config
+        padded = [torch.cat([r, r.new_zeros(c.text_len - r.shape[0], r.shape[1])])
+                  for r in self.text_rows(context, batch)]
         ctx = torch.stack(padded).to(self.device)
         h = linear(ctx, self.text_embedding[0])
         h = F.gelu(h, approximate="tanh")
@@ -250,6 +260,9 @@ class S2VTransformer(nn.Module):
         th, tw = lh // ph, lw // pw
 
         context_emb = self.embed_text(context, B)
+        text_lens = tuple(r.shape[0] for r in self.text_rows(context, B))
+        shared = B > 1 and all(t is None or t.shape[0] == 1
+                               for t in (ref_latents, motion_latents, cond_states))
         self._record("context_emb", context_emb)
 
         a_loc, a_glb = self.casual_audio_encoder(batch(audio_input, "audio_input"),
@@ -284,18 +297,22 @@ class S2VTransformer(nn.Module):
         return S2VConditions(context=context_emb, audio_local=a_loc, audio_global=a_glb,
                              cond_tokens=cond_tokens, extra_tokens=extra, rope=rope,
                              grid=(F_, th, tw), latent_hw=(lh, lw), segment_ids=segment_ids,
-                             drop_motion_frames=bool(drop_motion_frames))
+                             drop_motion_frames=bool(drop_motion_frames), text_lens=text_lens,
+                             shared_video=shared)
 
     # ------------------------------------------------------------------ per-step work
     def inject_audio(self, j: int, x: torch.Tensor, num_noisy: int, cond: S2VConditions):
         return self.audio_injector.inject(j, x, num_noisy, cond.audio_local, cond.audio_global)
 
-    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, cond: S2VConditions) -> torch.Tensor:
-        """Blocks over the full token sequence, each followed by its audio injector (if any)."""
+    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, cond: S2VConditions,
+                   shared_rows: bool = False) -> torch.Tensor:
+        """Blocks over the full token sequence, each followed by its audio injector (if any).
+        ``shared_rows``: the batch rows of x and e0 are identical (CFG branches of one latent);
+        the fast path then runs block 0's self-attention once."""
         if self.precision == "fast":
             from .fast_path import fast_run_blocks
 
-            return fast_run_blocks(self, x, e0, cond)
+            return fast_run_blocks(self, x, e0, cond, shared_rows)
         split = cond.num_noisy
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -329,16 +346,18 @@ class S2VTransformer(nn.Module):
             raise ValueError(f"model.precision={self.precision!r}; use one of {PRECISIONS}")
         if x.dim() == 4:
             x = x.unsqueeze(0)
-        B = x.shape[0]
-        if B != cond.batch or tuple(x.shape[2:]) != (cond.grid[0], *cond.latent_hw):
+        B = cond.batch
+        if x.shape[0] not in (1, B) or tuple(x.shape[2:]) != (cond.grid[0], *cond.latent_hw):
             raise InputError(f"x shape {list(x.shape)} does not match the prepared conditions "
                              f"(batch {cond.batch}, F={cond.grid[0]}, latent {cond.latent_hw})")
-        x = x.to(self.device)
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        shared = cond.shared_video and x.shape[0] == 1 and t.numel() == 1
+        x = x.to(self.device).expand(B, *x.shape[1:])
         tokens = torch.cat([self.embed_noisy(x, cond), cond.extra_tokens], dim=1)
         self._record("num_noisy_tokens", torch.tensor(cond.num_noisy))
         self._record("tokens_in", tokens)
         e_t, e0 = self.time_embed(self._timesteps(t, B))
-        x = self.run_blocks(tokens, e0, cond)
+        x = self.run_blocks(tokens, e0, cond, shared_rows=shared)
         out = self.head_out(x, e_t, cond)
         self._record("output", out)
         return out
@@ -347,7 +366,8 @@ class S2VTransformer(nn.Module):
     def forward(self, x: torch.Tensor, t, context, ref_latents: torch.Tensor,
                 motion_latents: Optional[torch.Tensor], cond_states: Optional[torch.Tensor],
                 audio_input: torch.Tensor, drop_motion_frames: bool = False) -> torch.Tensor:
-        """Velocity [B, 16, F, lh, lw] fp32 (see module docstring for the input contract)."""
+        """Velocity [B, 16, F, lh, lw] fp32 (see module docstring for the input contract).
+        A batch-1 x with B contexts runs B branches on the same latent (CFG)."""
         if x.dim() == 4:
             x = x.unsqueeze(0)
         cond = self.prepare_conditions(context, ref_latents, motion_latents, cond_states,

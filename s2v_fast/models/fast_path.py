@@ -13,7 +13,11 @@ changes is how it is executed:
   FFN gated residual + the next block's norm1 modulation (when no audio injection or weight
   offload sits between the two blocks; else the FFN residual alone); audio LN + per-frame
   AdaLN; per-frame audio cross-attention (5 keys, in registers); audio residual add.
-* Both CFG branches run as one batch of 2 (the pipeline passes B = 2).
+* Both CFG branches run as one batch of 2 (the pipeline passes B = 2). Given one latent for both
+  (``shared_rows``), block 0's self-attention half and its cross-attention q run once: the
+  branches differ only from the first text cross-attention on (text and audio, spec §8.5).
+* Text cross-attention runs over compacted keys (``text_kv.py``, spec §10.7): each prompt's own
+  rows plus one padding key with logit bias ln(#padding rows), in the Triton flash kernel.
 * GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
 """
 from __future__ import annotations
@@ -25,7 +29,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels.attention import attention
 from ..kernels.audio_injection import audio_adaln, audio_residual_add, frame_cross_attention
 from ..kernels.gated_residual import (
     gated_residual,
@@ -39,6 +42,7 @@ from ..kernels.rms_norm import rms_norm
 from ..profiling.ranges import trace_range
 from ..quantization import FP8Linear, gelu_linear, same_input_linears
 from .block import linear
+from .text_kv import compact_text_kv, text_attention
 
 
 @dataclass
@@ -49,9 +53,12 @@ class ClipCache:
     cos: torch.Tensor  # [L, D/2] fp32
     sin: torch.Tensor
     context: torch.Tensor  # padded text embeddings [B, text_len, C]
-    # per block: k, v [B, text_len, H, D], computed on the block's first fast step (inside the
-    # block's hooks, so a layerwise-offloaded block has its weights on the GPU)
+    text_lens: Optional[Tuple[int, ...]]  # None: attend over all text_len keys
+    # per block: k, v [B, Lc, H, D] (compacted when text_lens is known), computed on the block's
+    # first fast step (inside the block's hooks, so a layerwise-offloaded block has its weights
+    # on the GPU); text_bias [B, Lc] fp32 logit bias of the compacted keys (same for every block)
     text_kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]
+    text_bias: Optional[torch.Tensor] = None
     audio_shift: List[torch.Tensor] = field(default_factory=list)  # per injector [B, F, C] cdt
     audio_scale: List[torch.Tensor] = field(default_factory=list)
     audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [B,F,n,H,D]
@@ -63,7 +70,7 @@ def build_clip_cache(model, cond) -> ClipCache:
     cos = cond.rope.cos.float().contiguous()
     sin = cond.rope.sin.float().contiguous()
     cache = ClipCache(rope=cond.rope, cos=cos, sin=sin, context=cond.context,
-                      text_kv=[None] * len(model.blocks))
+                      text_lens=cond.text_lens, text_kv=[None] * len(model.blocks))
     B, F_, n_tok, C = cond.audio_local.shape
     gvec = cond.audio_global[:, :, 0].reshape(B * F_, C)
     local = cond.audio_local.reshape(B * F_, n_tok, C)
@@ -103,20 +110,36 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads))
 
 
+def _text_kv(ca, cache: ClipCache, index: int):
+    """Block ``index``'s text K/V (computed and compacted on first use) and the key bias."""
+    if cache.text_kv[index] is None:
+        kc, vc = ca.context_kv(cache.context)
+        if cache.text_lens is not None:
+            kc, vc, cache.text_bias = compact_text_kv(kc, vc, cache.text_lens)
+        cache.text_kv[index] = (kc.contiguous(), vc.contiguous())
+    return (*cache.text_kv[index], cache.text_bias)
+
+
 def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: ClipCache, index: int,
-               start=None, next_block=None):
+               start=None, next_block=None, shared: bool = False):
     """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> (fp32 x, next start).
 
     ``start``: (norm1 output h, modulation terms) of this block when the previous block computed
     them; ``next_block``: fuse the FFN residual with that block's norm1 modulation and return its
-    start (else None)."""
+    start (else None); ``shared``: the rows of x and e0 are identical, so everything up to the
+    text cross-attention runs on row 0 and is broadcast."""
     sa, ca = block.self_attn, block.cross_attn
     H = sa.num_heads
+    B = x.shape[0]
     if start is None:  # norm1 + modulation -> bf16 (block 0 rounds the normalised value: x is bf16)
         terms = block.modulation_terms(e0)
-        h = norm_modulate(x, terms[0], terms[1], split, eps=block.eps,
+        if shared:
+            x = x[:1]
+        h = norm_modulate(x, terms[0][:x.shape[0]], terms[1][:x.shape[0]], split, eps=block.eps,
                           round_normed_to_bf16=x.dtype == torch.bfloat16, out_dtype=sa.q.weight.dtype)
     else:
+        if shared:
+            raise ValueError("shared rows need start=None (block 0)")
         h, terms = start
     _, _, gate_sa, shift_ff, scale_ff, gate_ff = terms  # shift/scale_sa: in h
     with trace_range("self_attention"):
@@ -130,17 +153,17 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         with trace_range("attention"):
             a = sa.attend(q, k, _heads(v, H))  # the sequence-parallel seam (Ulysses / ring)
         y = linear(a.flatten(2), sa.o)
-    x, h3 = gated_residual_layernorm_affine(x, y, gate_sa, split, block.norm3.weight, block.norm3.bias,
-                                            eps=block.eps, out_dtype=ca.q.weight.dtype)
+    x, h3 = gated_residual_layernorm_affine(x, y, gate_sa[:x.shape[0]], split, block.norm3.weight,
+                                            block.norm3.bias, eps=block.eps,
+                                            out_dtype=ca.q.weight.dtype)
     with trace_range("cross_attention"):
         qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
-        if cache.text_kv[index] is None:
-            kc, vc = ca.context_kv(cache.context)
-            cache.text_kv[index] = (kc.contiguous(), vc.contiguous())
-        kc, vc = cache.text_kv[index]
-        yc = linear(attention(qc, kc, vc).flatten(2), ca.o)
-    x, h2 = residual_add_norm_modulate(x, yc, shift_ff, scale_ff, split, eps=block.eps,
-                                       out_dtype=block.ffn[0].weight.dtype)
+        kc, vc, bias = _text_kv(ca, cache, index)
+        qc = qc.expand(B, *qc.shape[1:])  # shared rows: one q, B prompts
+        yc = linear(text_attention(qc, kc, vc, bias).flatten(2), ca.o)
+    x_new = torch.empty(yc.shape, dtype=torch.float32, device=x.device) if shared else None
+    x, h2 = residual_add_norm_modulate(x.expand(B, *x.shape[1:]), yc, shift_ff, scale_ff, split,
+                                       eps=block.eps, out=x_new, out_dtype=block.ffn[0].weight.dtype)
     with trace_range("ffn"):
         if isinstance(block.ffn[2], FP8Linear):  # GELU fused into the fp8 activation quantiser
             y2 = gelu_linear(linear(h2, block.ffn[0]), block.ffn[2])
@@ -189,8 +212,10 @@ def _with_module_hooks(block, fn, x, *args):
     return out
 
 
-def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Tensor:
-    """All blocks + audio injections of one step on the fast path."""
+def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond, shared_rows: bool = False
+                    ) -> torch.Tensor:
+    """All blocks + audio injections of one step on the fast path (``shared_rows``: see
+    ``fast_block``'s ``shared``, applied to block 0)."""
     cache = cond.cache.get("fast")
     if cache is None:
         cache = cond.cache["fast"] = build_clip_cache(model, cond)
@@ -203,7 +228,8 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond) -> torch.Ten
         nxt = blocks[i + 1] if (j is None and i + 1 < len(blocks)
                                 and not blocks[i + 1]._forward_pre_hooks) else None
         with trace_range(f"block{i}"):
-            x, start = _with_module_hooks(block, fast_block, x, e0, split, cache, i, start, nxt)
+            x, start = _with_module_hooks(block, fast_block, x, e0, split, cache, i, start, nxt,
+                                          shared_rows and i == 0)
         if j is not None:
             x = fast_inject_audio(model, j, x, split, cache)
     return x

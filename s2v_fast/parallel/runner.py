@@ -84,11 +84,13 @@ class ParallelDiT:
         if x.dim() == 4:
             x = x.unsqueeze(0)
         full = cond.full
-        B = x.shape[0]
-        if B != full.batch or tuple(x.shape[2:]) != (full.grid[0], *full.latent_hw):
+        B = full.batch
+        if x.shape[0] not in (1, B) or tuple(x.shape[2:]) != (full.grid[0], *full.latent_hw):
             from ..errors import InputError
             raise InputError(f"x shape {list(x.shape)} does not match the prepared conditions")
-        x = x.to(m.device)
+        t = torch.as_tensor(t, device=m.device).reshape(-1)
+        shared = full.shared_video and x.shape[0] == 1 and t.numel() == 1
+        x = x.to(m.device).expand(B, *x.shape[1:])
         parts = []
         if cond.local_noisy:
             tok = m.embed_noisy(x[:, :, cond.frame0:cond.frame1], cond)
@@ -97,7 +99,7 @@ class ParallelDiT:
         tokens = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         e_t, e0 = m.time_embed(m._timesteps(t, B))
         self.sp.plan = cond.plan
-        h = m.run_blocks(tokens, e0, cond)
+        h = m.run_blocks(tokens, e0, cond, shared_rows=shared)
         h = m.head(h[:, :cond.local_noisy], e_t)  # [B, n_local, 64]
         h = gather_sequence(h, [b - a for a, b in (cond.plan.noisy_range(i)
                                                    for i in range(cond.plan.parts))],
