@@ -149,3 +149,23 @@ def test_fast_cfg_batch_reproduces_golden_fp32():
     assert kc.shape[1] < model.config.text_len
     assert rel_err(c[0], load_fixture("dit", "case_clip1_with_motion.safetensors")["output"]) <= 1e-5
     assert rel_err(u[0], load_fixture("dit", "case_clip1_uncond.safetensors")["output"]) <= 1e-5
+
+
+def test_last_block_computes_only_the_noisy_rows(monkeypatch):
+    """The head reads the noisy tokens only, so the last block's queries (and everything after its
+    attention) cover [0, Lv); earlier blocks keep every token. Outputs: the goldens above."""
+    from s2v_fast.models import fast_path
+
+    seen = []
+    text_attention = fast_path.text_attention
+    monkeypatch.setattr(fast_path, "text_attention",
+                        lambda q, k, v, b: seen.append(q.shape[1]) or text_attention(q, k, v, b))
+    torch.manual_seed(0)
+    model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
+    model.precision = "fast"
+    inp = _bf16_inputs(model.config)
+    x, t = inp.pop("x"), inp.pop("t")
+    cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **inp)
+    model.forward_step(x, t, cond)
+    assert seen == [cond.seq_len] * (len(model.blocks) - 1) + [cond.num_noisy]
+    assert cond.num_noisy < cond.seq_len

@@ -11,6 +11,8 @@ from s2v_fast.kernels.gated_residual import (
     gated_residual_reference,
     residual_add_norm_modulate,
     residual_add_norm_modulate_reference,
+    residual_pair_norm_modulate,
+    residual_pair_norm_modulate_reference,
 )
 
 from util import DEV, bf16_ulps
@@ -104,6 +106,28 @@ def test_gated_residual_norm_modulate(B, L, C, split):
     xg, hg = gated_residual_norm_modulate(t["x"].clone(), t["y"], t["gate"], t["shift"][:, :1],
                                           t["scale"][:, :1], split, out_dtype=torch.float32)
     torch.testing.assert_close(hg, hr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,L,C,split", CASES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_attention_half_in_two_passes_equals_three(B, L, C, split, x_dtype):
+    """norm3 without storing x, then both residuals + norm2 in one pass (fast_path's order) gives
+    the same x_new as the two residual kernels one after the other (same fp32 operations in the
+    same order: bitwise on the interpreter, <= 1 fp32 ulp from FMA contraction on the GPU) and
+    the same h3 / h2."""
+    t = make(B, L, C, x_dtype, seed=11 * L + C)
+    y2 = torch.randn(B, L, C, generator=torch.Generator().manual_seed(L)).bfloat16().to(DEV)
+    x0 = t["x"].clone()
+    x1, h3 = gated_residual_layernorm_affine(t["x"].clone(), t["y"], t["gate"], split, t["w"], t["b"])
+    x2, h2 = residual_add_norm_modulate(x1, y2, t["shift"], t["scale"], split)
+    none, h3b = gated_residual_layernorm_affine(x0, t["y"], t["gate"], split, t["w"], t["b"], store_x=False)
+    assert none is None and torch.equal(x0, t["x"]) and torch.equal(h3b, h3)  # x untouched
+    x2b, h2b = residual_pair_norm_modulate(x0, t["y"], t["gate"], y2, t["shift"], t["scale"], split)
+    torch.testing.assert_close(x2b, x2, **XTOL)
+    assert_bf16_close(h2b, h2)
+    xr, hr = residual_pair_norm_modulate_reference(t["x"], t["y"], t["gate"], y2, t["shift"], t["scale"], split)
+    torch.testing.assert_close(x2b, xr, **XTOL)
+    assert_bf16_close(h2b, hr)
 
 
 def test_references_match_spec_f64():

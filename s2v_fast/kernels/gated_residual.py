@@ -10,6 +10,9 @@ Fused variants (one read of x and y, one write of x_new and of the next GEMM inp
         x_new = x + y;             h = bf16( LN(x_new) * (1 + scale_ffn[g]) + shift_ffn[g] )
     gated_residual_norm_modulate    : FFN out -> next block's norm1 (or the head with G = 1, fp32 out)
         x_new = x + y*gate_ffn[g]; h = out_dtype( LN(x_new) * (1 + scale[g']) + shift[g'] )
+    residual_pair_norm_modulate     : self-attn and cross-attn outs -> norm2, after norm3 ran with
+        store_x=False:  x_new = (x + y*gate_sa[g]) + y2;  h as residual_add_norm_modulate
+        (one write of x per attention half instead of two)
 LN: eps 1e-6, biased variance, fp32 statistics, no affine unless stated.
 
 Which pairs are valid: these three are all the (residual, next norm) neighbours in a block. The
@@ -52,12 +55,12 @@ if triton is not None:
 
     @triton.jit
     def _residual_norm_kernel(
-        X, Y, GATE, XO, P0, P1, H,
+        X, Y, GATE, Y2, XO, P0, P1, H,
         n_rows, L, C, split,
-        sxb, sxl, syb, syl, sgb, sgg, sob, sol, s0b, s0g, s1b, s1g, shb, shl,
+        sxb, sxl, syb, syl, sgb, sgg, s2b, s2l, sob, sol, s0b, s0g, s1b, s1g, shb, shl,
         eps,
-        HAS_GATE: tl.constexpr, MODE: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-        INTERPRET: tl.constexpr,
+        HAS_GATE: tl.constexpr, HAS_Y2: tl.constexpr, STORE_X: tl.constexpr, MODE: tl.constexpr,
+        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         # MODE 0: x_new only. MODE 1: h = LN(x_new)*(1+P1[g]) + P0[g] (P0 shift, P1 scale).
         # MODE 2: h = LN(x_new)*P0 + P1 (P0 weight [C], P1 bias [C]).
@@ -76,7 +79,11 @@ if triton is not None:
             x = x + y * gate.to(tl.float32)
         else:
             x = x + y
-        tl.store(XO + (b * sob + s * sol)[:, None] + cols[None, :], x, mask=mask)
+        if HAS_Y2:  # a second, ungated residual (the cross-attention output)
+            y2 = tl.load(Y2 + (b * s2b + s * s2l)[:, None] + cols[None, :], mask=mask, other=0.0)
+            x = x + y2.to(tl.float32)
+        if STORE_X:
+            tl.store(XO + (b * sob + s * sol)[:, None] + cols[None, :], x, mask=mask)
         if MODE != 0:
             u = _layernorm_rows(x, cmask, C, eps)
             if MODE == 1:
@@ -125,6 +132,15 @@ def gated_residual_norm_modulate_reference(x, y, gate, shift, scale, split, *, e
     return xn, norm_modulate_reference(xn, shift, scale, split, eps=eps, out_dtype=out_dtype)
 
 
+def residual_pair_norm_modulate_reference(x, y, gate, y2, shift, scale, split, *, eps=1e-6,
+                                          out_dtype=torch.bfloat16):
+    """Both residuals of the attention half of a block: (x + y*gate[g]) + y2, then norm2."""
+    xn = gated_residual_reference(gated_residual_reference(x, y, gate, split), y2)
+    from .norm_modulate import norm_modulate_reference
+
+    return xn, norm_modulate_reference(xn, shift, scale, split, eps=eps, out_dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------- wrappers
 
 
@@ -137,7 +153,8 @@ def _x_out(x, out):
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
-def _launch(x, y, gate, split, mode, p0, p1, h, xo, eps):
+def _launch(x, y, gate, split, mode, p0, p1, h, xo, eps, y2=None):
+    """xo None: x_new is not stored (only h)."""
     B, L, C = x.shape
     n_rows = B * L
     if n_rows == 0:
@@ -153,26 +170,30 @@ def _launch(x, y, gate, split, mode, p0, p1, h, xo, eps):
     s0b, s0g = seg_strides(p0) if mode == _MODE_MODULATE else (0, 0)
     s1b, s1g = seg_strides(p1) if mode == _MODE_MODULATE else (0, 0)
     hh = h if h is not None else xo
+    y2_ = y2 if y2 is not None else y
+    xo_ = xo if xo is not None else hh
     _residual_norm_kernel[(triton.cdiv(n_rows, ROWS),)](
-        x, y, gate if gate is not None else x, xo,
+        x, y, gate if gate is not None else x, y2_, xo_,
         p0 if p0 is not None else x, p1 if p1 is not None else x, hh,
         n_rows, L, C, clamp_split(split, L),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), sgb, sgg,
-        xo.stride(0), xo.stride(1), s0b, s0g, s1b, s1g, hh.stride(0), hh.stride(1),
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), sgb, sgg, y2_.stride(0), y2_.stride(1),
+        xo_.stride(0), xo_.stride(1), s0b, s0g, s1b, s1g, hh.stride(0), hh.stride(1),
         eps,
-        HAS_GATE=gate is not None, MODE=mode, BLOCK_C=BLOCK_C, ROWS=ROWS,
+        HAS_GATE=gate is not None, HAS_Y2=y2 is not None, STORE_X=xo is not None, MODE=mode,
+        BLOCK_C=BLOCK_C, ROWS=ROWS,
         INTERPRET=is_interpreter(), num_warps=num_warps,
     )
 
 
 def _supported(x, y, xo, *others):
+    """xo None: x_new is not stored."""
     ts = [t for t in (x, y, xo) + others if t is not None]
     return (
         kernels_usable(*ts)
         and x.dim() == 3 and y.shape == x.shape
         and x.dtype in (torch.float32, torch.bfloat16)
         and y.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and xo.dtype == torch.float32 and xo.shape == x.shape
+        and (xo is None or (xo.dtype == torch.float32 and xo.shape == x.shape))
         and all(t.stride(-1) == 1 for t in ts)
     )
 
@@ -191,36 +212,41 @@ def gated_residual(x, y, gate=None, split=None, *, out=None):
 
 
 def gated_residual_layernorm_affine(x, y, gate, split, weight, bias, *, eps=1e-6, out=None, h_out=None,
-                                    out_dtype=torch.bfloat16):
-    """Self-attn residual + norm3: returns (x_new, h = bf16(LN(x_new) * weight + bias))."""
+                                    out_dtype=torch.bfloat16, store_x=True):
+    """Self-attn residual + norm3: returns (x_new, h = bf16(LN(x_new) * weight + bias)).
+    ``store_x=False``: x_new is not written (x is left as it was; returns (None, h)): the
+    caller adds this residual again with the next one (``residual_pair_norm_modulate``)."""
     B, L, C = x.shape
     gate = as_segment_param(gate, C) if gate is not None else None
-    xo = _x_out(x, out)
+    xo = _x_out(x, out) if store_x else None
     h = h_out if h_out is not None else torch.empty((B, L, C), dtype=out_dtype, device=x.device)
     w, bvec = weight.contiguous(), bias.contiguous()
     if not (_supported(x, y, xo, gate, h, w, bvec) and w.numel() == C and bvec.numel() == C):
         xn, hr = gated_residual_layernorm_affine_reference(x, y, gate, split, weight, bias, eps=eps,
                                                            out_dtype=h.dtype)
-        xo.copy_(xn)
         h.copy_(hr)
+        if xo is not None:
+            xo.copy_(xn)
         return xo, h
     _launch(x, y, gate, split, _MODE_AFFINE, w, bvec, h, xo, eps)
     return xo, h
 
 
-def _residual_modulate(x, y, gate, shift, scale, split, eps, out, h_out, out_dtype):
+def _residual_modulate(x, y, gate, shift, scale, split, eps, out, h_out, out_dtype, y2=None):
     B, L, C = x.shape
     gate = as_segment_param(gate, C) if gate is not None else None
     shift, scale = as_segment_param(shift, C), as_segment_param(scale, C)
     xo = _x_out(x, out)
     h = h_out if h_out is not None else torch.empty((B, L, C), dtype=out_dtype, device=x.device)
-    if not _supported(x, y, xo, gate, shift, scale, h):
-        xn, hr = gated_residual_norm_modulate_reference(x, y, gate, shift, scale, split, eps=eps,
-                                                        out_dtype=h.dtype)
+    if not (_supported(x, y, xo, gate, shift, scale, h, y2) and (y2 is None or y2.shape == x.shape)):
+        xn, hr = residual_pair_norm_modulate_reference(x, y, gate, y2, shift, scale, split, eps=eps,
+                                                       out_dtype=h.dtype) if y2 is not None else \
+            gated_residual_norm_modulate_reference(x, y, gate, shift, scale, split, eps=eps,
+                                                   out_dtype=h.dtype)
         xo.copy_(xn)
         h.copy_(hr)
         return xo, h
-    _launch(x, y, gate, split, _MODE_MODULATE, shift, scale, h, xo, eps)
+    _launch(x, y, gate, split, _MODE_MODULATE, shift, scale, h, xo, eps, y2=y2)
     return xo, h
 
 
@@ -234,3 +260,11 @@ def gated_residual_norm_modulate(x, y, gate, shift, scale, split, *, eps=1e-6, o
                                  out_dtype=torch.bfloat16):
     """FFN residual + next block's norm1: returns (x_new, h). shift/scale may be G = 1 (head)."""
     return _residual_modulate(x, y, gate, shift, scale, split, eps, out, h_out, out_dtype)
+
+
+def residual_pair_norm_modulate(x, y, gate, y2, shift, scale, split, *, eps=1e-6, out=None, h_out=None,
+                                out_dtype=torch.bfloat16):
+    """Self-attn residual (gated) + cross-attn residual (y2, ungated) + norm2 in one pass:
+    returns (x_new = (x + y*gate[g]) + y2, h = bf16(LN(x_new)*(1+scale[g])+shift[g])). Same fp32
+    operations in the same order as the two residual kernels; saves writing and re-reading x."""
+    return _residual_modulate(x, y, gate, shift, scale, split, eps, out, h_out, out_dtype, y2=y2)

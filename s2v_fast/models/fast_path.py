@@ -9,7 +9,8 @@ changes is how it is executed:
 * Memory-bound chains run as single Triton kernels (``s2v_fast/kernels``):
   norm1/norm2 + adaLN modulation -> bf16; q/k full-width RMSNorm + RoPE -> bf16; the
   cross-attention and audio q RMSNorm;
-  self-attention gated residual + norm3 (affine); cross-attention residual + norm2 modulation;
+  norm3 (affine) of the self-attention gated residual (not stored); both residuals + norm2
+  modulation in one pass;
   FFN gated residual + the next block's norm1 modulation (when no audio injection or weight
   offload sits between the two blocks; else the FFN residual alone); audio LN + per-frame
   AdaLN; per-frame audio cross-attention (5 keys, in registers); audio residual add.
@@ -18,6 +19,7 @@ changes is how it is executed:
   branches differ only from the first text cross-attention on (text and audio, spec §8.5).
 * Text cross-attention runs over compacted keys (``text_kv.py``, spec §10.7): each prompt's own
   rows plus one padding key with logit bias ln(#padding rows), in the Triton flash kernel.
+* The last block computes output rows only for the noisy tokens (the head reads nothing else).
 * GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..kernels.gated_residual import (
     gated_residual,
     gated_residual_layernorm_affine,
     gated_residual_norm_modulate,
-    residual_add_norm_modulate,
+    residual_pair_norm_modulate,
 )
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
@@ -121,13 +123,18 @@ def _text_kv(ca, cache: ClipCache, index: int):
 
 
 def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: ClipCache, index: int,
-               start=None, next_block=None, shared: bool = False):
+               start=None, next_block=None, shared: bool = False, rows_out: Optional[int] = None):
     """One transformer block; x [B, L, C] (bf16 at block 0, fp32 after) -> (fp32 x, next start).
 
     ``start``: (norm1 output h, modulation terms) of this block when the previous block computed
     them; ``next_block``: fuse the FFN residual with that block's norm1 modulation and return its
     start (else None); ``shared``: the rows of x and e0 are identical, so everything up to the
-    text cross-attention runs on row 0 and is broadcast."""
+    text cross-attention runs on row 0 and is broadcast; ``rows_out``: only tokens [0, rows_out)
+    of the output are used (the last block: the head reads the noisy tokens), so the other
+    tokens only give keys and values and x comes back as [B, rows_out, C].
+
+    The attention half ends in two passes instead of three: norm3 reads x + y*gate without
+    storing it, and one pass adds both residuals and computes norm2 (same fp32 operations)."""
     sa, ca = block.self_attn, block.cross_attn
     H = sa.num_heads
     B = x.shape[0]
@@ -150,20 +157,24 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         else:  # fp32 models (CPU tests): the kernel emits bf16 for attention, keep fp32 instead
             v = linear(h, sa.v)
             q, k = sa.qk_norm_rope(h, cache.rope)
+        if rows_out is not None:  # dead query rows: keys and values only
+            q, x = q[:, :rows_out], x[:, :rows_out]
         with trace_range("attention"):
             a = sa.attend(q, k, _heads(v, H))  # the sequence-parallel seam (Ulysses / ring)
         y = linear(a.flatten(2), sa.o)
-    x, h3 = gated_residual_layernorm_affine(x, y, gate_sa[:x.shape[0]], split, block.norm3.weight,
-                                            block.norm3.bias, eps=block.eps,
-                                            out_dtype=ca.q.weight.dtype)
+    gate_sa = gate_sa[:x.shape[0]]
+    _, h3 = gated_residual_layernorm_affine(x, y, gate_sa, split, block.norm3.weight, block.norm3.bias,
+                                            eps=block.eps, out_dtype=ca.q.weight.dtype, store_x=False)
     with trace_range("cross_attention"):
         qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
         kc, vc, bias = _text_kv(ca, cache, index)
         qc = qc.expand(B, *qc.shape[1:])  # shared rows: one q, B prompts
         yc = linear(text_attention(qc, kc, vc, bias).flatten(2), ca.o)
+    # x_new = (x + y*gate_sa) + yc (x is updated in place when it is an fp32 [B, ...] tensor)
     x_new = torch.empty(yc.shape, dtype=torch.float32, device=x.device) if shared else None
-    x, h2 = residual_add_norm_modulate(x.expand(B, *x.shape[1:]), yc, shift_ff, scale_ff, split,
-                                       eps=block.eps, out=x_new, out_dtype=block.ffn[0].weight.dtype)
+    x, h2 = residual_pair_norm_modulate(x.expand(B, *x.shape[1:]), y.expand(B, *y.shape[1:]), gate_sa,
+                                        yc, shift_ff, scale_ff, split, eps=block.eps, out=x_new,
+                                        out_dtype=block.ffn[0].weight.dtype)
     with trace_range("ffn"):
         if isinstance(block.ffn[2], FP8Linear):  # GELU fused into the fp8 activation quantiser
             y2 = gelu_linear(linear(h2, block.ffn[0]), block.ffn[2])
@@ -227,9 +238,12 @@ def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond, shared_rows:
         # between or the next block's weights arrive in its pre-hook (layerwise offload)
         nxt = blocks[i + 1] if (j is None and i + 1 < len(blocks)
                                 and not blocks[i + 1]._forward_pre_hooks) else None
+        # the head reads only the noisy tokens: the last block computes no other output rows
+        # (not under sequence parallel, whose attention exchanges q, k, v as equal shards)
+        last = i == len(blocks) - 1 and "attend" not in vars(block.self_attn)
         with trace_range(f"block{i}"):
             x, start = _with_module_hooks(block, fast_block, x, e0, split, cache, i, start, nxt,
-                                          shared_rows and i == 0)
+                                          shared_rows and i == 0, split if last else None)
         if j is not None:
             x = fast_inject_audio(model, j, x, split, cache)
     return x
