@@ -9,6 +9,9 @@ Setup: Wan2.2-S2V-14B config with random bf16 weights drawn on the GPU (bench/di
   in ``reference`` precision, recomputing every step-invariant input at every call.
 * ``fast``: the default path: conditions prepared once per clip (``prepare_conditions``, reported
   as ``prepare_ms``), then ``forward_step`` in ``fast`` precision (Triton kernels, caches).
+* ``fast_nofold``: ``fast`` without folding the few-key cross-attentions (audio, short prompt)
+  into their output projections (``S2V_FOLD_OUTPUT=0``; models/folded_output.py). It runs
+  before ``fast``, so ``fast`` meets the warmer board.
 * ``fast_sep_gelu``: ``fast`` with the FFN GELU as its own kernel instead of the GEMM epilogue.
 * ``compile``: ``torch.compile`` of each block (reference math) with the prepared conditions;
   the alternative to the hand-fused path (issue 5 asks which is faster).
@@ -42,7 +45,7 @@ from s2v_fast.kernels import attention as attn  # noqa: E402
 from s2v_fast.profiling.flops import dit_forward_flops, s2v_token_counts  # noqa: E402
 
 GEMM_TFLOPS, ATTN_TFLOPS = 790.0, 627.0  # measured H100 bf16 ceilings (performance.md)
-MODES = ("forward", "reference", "fast", "fast_sep_gelu", "compile")
+MODES = ("forward", "reference", "fast_nofold", "fast", "fast_sep_gelu", "compile")
 
 
 def _sync(dev):
@@ -98,7 +101,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         t = time_ms(lambda: model(**inp1), args.warmup, args.iters)
         row(f"{prefix}_forward_{tag}_bf16", t, 1, precision="reference", motion=True)
 
-    if any(m in modes for m in ("reference", "fast", "fast_sep_gelu", "compile")):
+    if any(m in modes for m in MODES[1:]):
         model.precision = "reference"
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         outs["reference"] = model(**inp2)
@@ -108,6 +111,20 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
 
     x, tt = inp2["x"], inp2["t"]
     cond_kw = {k: v for k, v in inp2.items() if k not in ("x", "t")}
+
+    if "fast_nofold" in modes:
+        from s2v_fast.models import folded_output
+
+        model.precision, folded_output.FOLD_OUTPUT = "fast", False
+        try:
+            cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
+            out = model.forward_step(x, tt, cond)
+            t = time_ms(lambda: model.forward_step(x, tt, cond), args.warmup, args.iters)
+            row(f"{prefix}_step_{tag}_fast_nofold", t, 2, precision="fast", fold_output=False,
+                **compare(out, outs["reference"]))
+        finally:
+            folded_output.FOLD_OUTPUT = True
+        del cond
 
     if "fast" in modes:
         model.precision = "fast"
@@ -123,6 +140,9 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         if "reference" in modes:
             ref_ms = next(q["median_ms"] for q in rows if q["name"].endswith("_reference"))
             r["speedup_vs_reference"] = round(ref_ms / r["median_ms"], 3)
+        if "fast_nofold" in modes:
+            nofold_ms = next(q["median_ms"] for q in rows if q["name"].endswith("_fast_nofold"))
+            r["speedup_vs_fast_nofold"] = round(nofold_ms / r["median_ms"], 4)
         del cond
 
     if "fast_sep_gelu" in modes:

@@ -66,6 +66,8 @@ stage() {
     cudavariants) python3 bench/sweep_cuda_attention.py --variant nolazy=-DS2V_LAZY_RESCALE=0 --variant lazy8= \
                     --variant lazy16=-DS2V_LAZY_RESCALE=16 --warmup 5 --iters 20 ;;
     cudaattn) python3 bench/bench_kernels.py --quick --only attention_cuda attention_cudnn attention_triton --no-cross --topic attention_cuda ;;
+    gpufold) python3 -m pytest -q -p no:cacheprovider -rs tests/test_folded_output.py tests/test_text_kv.py tests/test_fast_path.py \
+               tests/test_kernels_audio_injection.py tests/test_kernels_gated_residual.py ;;
     gputext) python3 -m pytest -q -p no:cacheprovider -rs tests/test_text_kv.py tests/test_kernels_flash_attention.py ;;
     textattn) python3 bench/bench_kernels.py --quick --only kernel_text_attention --topic kernels_text_attention ;;
     *) echo "unknown stage $1"; return 2 ;;

@@ -9,6 +9,9 @@
         logit_j = (q_s . k_{f,j}) / sqrt(D) (fp32), p = softmax_j(logit) (fp32), o = bf16(sum_j p_j v_{f,j})
     Keys/values stay in registers: this replaces a batched SDPA call with 5 keys. The reference ran
     FlashAttention, which rounds p to bf16 before the PV product; we keep p in fp32 (closer to exact).
+(b') frame_attention_probs: the same softmax, written out as P [B, Lv, KP] (column h*NK + j is p_j
+    of head h, column H*NK is 1, the rest up to KP (a multiple of 8) 0) for the injector's output
+    projection folded with the values (``models/folded_output.py``): y = P @ [Wo_h v_{f,j}; bo].
 (c) audio_residual_add: x[:, :Lv] += fp32(bf16 out) (plain residual, no gate) via gated_residual.
 """
 from __future__ import annotations
@@ -90,6 +93,45 @@ if triton is not None:
         tl.store(O + b * sob + s[:, None, None] * sol + h3 * soh + d3, to_dtype(out, O.dtype.element_ty, INTERPRET), mask=m3)
 
 
+    @triton.jit
+    def _frame_probs_kernel(
+        Q, K, P,
+        Nf, F, H, sm_scale,
+        sqb, sql, sqh, skb, skf, skj, skh, spb, spl,
+        D: tl.constexpr, NK: tl.constexpr, BLOCK_S: tl.constexpr, HB: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        t = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        bf = tl.program_id(1)
+        b = (bf // F).to(tl.int64)
+        f = (bf % F).to(tl.int64)
+        h = tl.program_id(2) * HB + tl.arange(0, HB)
+        d = tl.arange(0, D)
+        s = (f * Nf + t).to(tl.int64)
+        t3 = t[:, None, None]
+        h3 = h[None, :, None]
+        d3 = d[None, None, :]
+        m3 = (t3 < Nf) & (h3 < H) & (d3 < D)
+        q = tl.load(Q + b * sqb + s[:, None, None] * sql + h3 * sqh + d3, mask=m3, other=0.0).to(tl.float32)
+        hk = h[:, None]
+        mk = (hk < H) & (d[None, :] < D)
+        k_base = K + b * skb + f * skf + hk * skh + d[None, :]
+        m_i = tl.full([BLOCK_S, HB], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_S, HB], tl.float32)
+        for j in tl.static_range(NK):  # pass 1: row max and sum (online)
+            kj = tl.load(k_base + j * skj, mask=mk, other=0.0).to(tl.float32)
+            logit = tl.sum(q * kj[None, :, :], axis=2) * sm_scale
+            m_new = tl.maximum(m_i, logit)
+            l_i = l_i * tl.exp(m_i - m_new) + tl.exp(logit - m_new)
+            m_i = m_new
+        mp = (t[:, None] < Nf) & (h[None, :] < H)
+        p_base = P + b * spb + s[:, None] * spl + h[None, :] * NK
+        for j in tl.static_range(NK):  # pass 2: normalised probabilities
+            kj = tl.load(k_base + j * skj, mask=mk, other=0.0).to(tl.float32)
+            logit = tl.sum(q * kj[None, :, :], axis=2) * sm_scale
+            tl.store(p_base + j, to_dtype(tl.exp(logit - m_i) / l_i, P.dtype.element_ty, INTERPRET), mask=mp)
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -115,6 +157,24 @@ def frame_cross_attention_reference(q, k, v, *, softmax_scale=None):
     p = torch.softmax(logits, dim=-1)
     o = torch.einsum("bfhsj,bfjhd->bfshd", p, v.float())
     return o.reshape(B, Lv, H, D).to(q.dtype)
+
+
+def frame_probs_width(H: int, NK: int) -> int:
+    """Columns of frame_attention_probs' output: H*NK probabilities, a ones column, zeros to a
+    multiple of 8 (16-byte rows for the GEMM)."""
+    return -(-(H * NK + 1) // 8) * 8
+
+
+def frame_attention_probs_reference(q, k, *, softmax_scale=None):
+    """q [B, Lv, H, D], k [B, F, NK, H, D] -> P [B, Lv, frame_probs_width(H, NK)] (q.dtype)."""
+    B, Lv, H, D = q.shape
+    Fr, NK = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    logits = torch.einsum("bfshd,bfjhd->bfshj", q.float().view(B, Fr, Lv // Fr, H, D), k.float()) * scale
+    out = q.new_zeros(B, Lv, frame_probs_width(H, NK))
+    out[..., :H * NK] = torch.softmax(logits, dim=-1).reshape(B, Lv, H * NK).to(q.dtype)
+    out[..., H * NK] = 1
+    return out
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -187,6 +247,44 @@ def frame_cross_attention(q, k, v, *, softmax_scale=None, out=None):
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
+        D=D, NK=NK, BLOCK_S=BLOCK_S, HB=HB, INTERPRET=is_interpreter(), num_warps=4,
+    )
+    return out
+
+
+def frame_attention_probs(q, k, *, softmax_scale=None, out=None):
+    """The per-frame softmax of ``frame_cross_attention`` as P [B, Lv, KP] (q.dtype; layout in the
+    module docstring, KP = frame_probs_width(H, NK)). q [B, Lv, H, D], k [B, F, NK, H, D]."""
+    B, Lv, H, D = q.shape
+    Fr, NK = k.shape[1], k.shape[2]
+    KP = frame_probs_width(H, NK)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty((B, Lv, KP), dtype=q.dtype, device=q.device)
+    ok = (
+        kernels_usable(q, k, out)
+        and Fr > 0 and Lv % Fr == 0 and k.shape == (B, Fr, NK, H, D) and out.shape == (B, Lv, KP)
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and k.dtype == q.dtype and out.dtype == q.dtype
+        and next_pow2(D) == D and 1 <= NK <= 16
+        and q.stride(-1) == 1 and k.stride(-1) == 1 and out.stride(-1) == 1
+    )
+    if not ok:
+        out.copy_(frame_attention_probs_reference(q, k, softmax_scale=scale))
+        return out
+    if B * Lv == 0:
+        return out
+    out[..., H * NK:] = 0
+    out[..., H * NK] = 1
+    HB = max(1, min(next_pow2(H), 4096 // (32 * D)))
+    BLOCK_S = 32
+    grid = (triton.cdiv(Lv // Fr, BLOCK_S), B * Fr, triton.cdiv(H, HB))
+    _frame_probs_kernel[grid](
+        q, k, out,
+        Lv // Fr, Fr, H, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        out.stride(0), out.stride(1),
         D=D, NK=NK, BLOCK_S=BLOCK_S, HB=HB, INTERPRET=is_interpreter(), num_warps=4,
     )
     return out

@@ -18,7 +18,9 @@ changes is how it is executed:
   (``shared_rows``), block 0's self-attention half and its cross-attention q run once: the
   branches differ only from the first text cross-attention on (text and audio, spec §8.5).
 * Text cross-attention runs over compacted keys (``text_kv.py``, spec §10.7): each prompt's own
-  rows plus one padding key with logit bias ln(#padding rows), in the Triton flash kernel.
+  rows plus one padding key with logit bias ln(#padding rows), in the short-key Triton kernel.
+* Attention over few keys is folded into its output projection (``folded_output.py``): the
+  audio injectors' (5 keys per frame) and a short prompt's, y = P @ (Wo.V) + bo with K = H*keys.
 * The last block computes output rows only for the noisy tokens (the head reads nothing else).
 * GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
 """
@@ -31,7 +33,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels.audio_injection import audio_adaln, audio_residual_add, frame_cross_attention
+from ..kernels.audio_injection import (
+    audio_adaln,
+    audio_residual_add,
+    frame_attention_probs,
+    frame_cross_attention,
+    frame_probs_width,
+)
 from ..kernels.gated_residual import (
     gated_residual,
     gated_residual_layernorm_affine,
@@ -44,7 +52,8 @@ from ..kernels.rms_norm import rms_norm
 from ..profiling.ranges import trace_range
 from ..quantization import FP8Linear, gelu_linear, same_input_linears
 from .block import linear
-from .text_kv import compact_text_kv, text_attention
+from .folded_output import fold_frame_values, foldable
+from .text_kv import compact_text_kv, compacted_key_counts, text_attention_output
 
 
 @dataclass
@@ -61,6 +70,7 @@ class ClipCache:
     # on the GPU); text_bias [B, Lc] fp32 logit bias of the compacted keys (same for every block)
     text_kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]
     text_bias: Optional[torch.Tensor] = None
+    text_keys: Optional[Tuple[int, ...]] = None  # compacted keys per item (compacted_key_counts)
     audio_shift: List[torch.Tensor] = field(default_factory=list)  # per injector [B, F, C] cdt
     audio_scale: List[torch.Tensor] = field(default_factory=list)
     audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [B,F,n,H,D]
@@ -118,6 +128,7 @@ def _text_kv(ca, cache: ClipCache, index: int):
         kc, vc = ca.context_kv(cache.context)
         if cache.text_lens is not None:
             kc, vc, cache.text_bias = compact_text_kv(kc, vc, cache.text_lens)
+            cache.text_keys = compacted_key_counts(cache.text_lens, cache.context.shape[1])
         cache.text_kv[index] = (kc.contiguous(), vc.contiguous())
     return (*cache.text_kv[index], cache.text_bias)
 
@@ -169,7 +180,7 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
         kc, vc, bias = _text_kv(ca, cache, index)
         qc = qc.expand(B, *qc.shape[1:])  # shared rows: one q, B prompts
-        yc = linear(text_attention(qc, kc, vc, bias).flatten(2), ca.o)
+        yc = text_attention_output(qc, kc, vc, bias, cache.text_keys, ca.o)  # folded when short
     # x_new = (x + y*gate_sa) + yc (x is updated in place when it is an fp32 [B, ...] tensor)
     x_new = torch.empty(yc.shape, dtype=torch.float32, device=x.device) if shared else None
     x, h2 = residual_pair_norm_modulate(x.expand(B, *x.shape[1:]), y.expand(B, *y.shape[1:]), gate_sa,
@@ -207,8 +218,14 @@ def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: Cli
             a = a.reshape(B, num_noisy, C)
         q = _heads(rms_norm(linear(a, inj.q), inj.norm_q.weight, inj.norm_q.eps), inj.num_heads)
         k, v = cache.audio_kv[j]
-        o = frame_cross_attention(q, k, v)
-        y = linear(o.flatten(2), inj.o)
+        if foldable(inj.o):  # 5 keys per frame: P [.., H*5 + 1 -> 208] @ [Wo_h v; bo] per frame
+            B, Fr = v.shape[:2]
+            width = frame_probs_width(inj.num_heads, v.shape[2])
+            p = frame_attention_probs(q, k).view(B * Fr, num_noisy // Fr, width)
+            y = torch.bmm(p, fold_frame_values(inj.o, v, width)).view(B, num_noisy, -1)
+        else:
+            o = frame_cross_attention(q, k, v)
+            y = linear(o.flatten(2), inj.o)
         return audio_residual_add(x, y, num_noisy)
 
 

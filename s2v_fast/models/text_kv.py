@@ -19,7 +19,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..kernels.flash_attention import triton_attention
-from ..kernels.short_attention import short_attention, short_attention_supported
+from ..kernels.short_attention import short_attention, short_attention_probs, short_attention_supported
+from .folded_output import fold_text_values, fold_text_worth_it
+
+
+def compacted_key_counts(text_lens: Sequence[int], text_len: int) -> Tuple[int, ...]:
+    """Keys item b keeps after ``compact_text_kv``: its text rows and one padding row (if any)."""
+    lens = [min(max(int(n), 0), text_len) for n in text_lens]
+    return tuple(n + (n < text_len) for n in lens)
 
 
 def compact_text_kv(k: torch.Tensor, v: torch.Tensor, text_lens: Sequence[int]
@@ -29,7 +36,7 @@ def compact_text_kv(k: torch.Tensor, v: torch.Tensor, text_lens: Sequence[int]
     if len(text_lens) != B:
         raise ValueError(f"{len(text_lens)} text lengths for batch {B}")
     lens = [min(max(int(n), 0), T) for n in text_lens]
-    keep = [n + (n < T) for n in lens]  # the text rows and one padding row
+    keep = compacted_key_counts(lens, T)
     Lc = max(keep)
     kc = k.new_zeros(B, Lc, *k.shape[2:])
     vc = v.new_zeros(B, Lc, *v.shape[2:])
@@ -56,3 +63,30 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if short_attention_supported(q, k):
         return short_attention(q, k, v, key_bias)
     return triton_attention(q, k, v, key_bias=key_bias)
+
+
+def text_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_bias: Optional[torch.Tensor], keys: Optional[Sequence[int]],
+                          o: torch.nn.Module) -> torch.Tensor:
+    """``o(text_attention(q, k, v, key_bias))`` -> [B, Lq, C]. ``keys``: compacted keys per item
+    (``compacted_key_counts``; None: uncompacted). Items with few enough keys run folded
+    (``folded_output.py``): their probabilities times Wo.V in one GEMM of K = H * keys[b]; the
+    others attend and project as usual."""
+    from .block import linear
+
+    B, Lq, H, D = q.shape
+    fold = [keys is not None and key_bias is not None and short_attention_supported(q, k[:, :n])
+            and fold_text_worth_it(H, n, o) for n in (keys or [0] * B)]
+    if not any(fold):
+        return linear(text_attention(q, k, v, key_bias).flatten(2), o)
+    y = torch.empty(B, Lq, o.weight.shape[0], dtype=o.weight.dtype, device=q.device)
+    for b in range(B):
+        qb, yb = q[b:b + 1], y[b]
+        if fold[b]:
+            n = keys[b]
+            p = short_attention_probs(qb, k[b:b + 1, :n], key_bias[b:b + 1, :n])
+            torch.addmm(o.bias, p.view(Lq, H * n), fold_text_values(o, v[b, :n]).t(), out=yb)
+        else:
+            a = text_attention(qb, k[b:b + 1], v[b:b + 1], None if key_bias is None else key_bias[b:b + 1])
+            torch.addmm(o.bias, a.view(Lq, H * D).to(o.weight.dtype), o.weight.t(), out=yb)
+    return y
