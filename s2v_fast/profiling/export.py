@@ -36,7 +36,7 @@ _RULES = [
     # our fused Triton kernels (names from s2v_fast.kernels)
     ("norm and modulation", re.compile(
         r"norm_modulate|qk_norm_rope|gated_residual|residual_norm|residual_add|rms_norm_kernel|modulat")),
-    ("attention", re.compile(r"_frame_attn|fp8_attn|_attn_fwd")),
+    ("attention", re.compile(r"_frame_attn|_frame_probs|fp8_attn|_attn_fwd")),
     ("attention", re.compile(
         r"flash|fmha|sdpa|_attn_fwd|attn_fwd|attention|softmax|cudnn_generated_fort_native|xformers|sageattn|sage_attn|qk_int8")),
     ("norm and modulation", re.compile(
