@@ -157,9 +157,9 @@ def test_last_block_computes_only_the_noisy_rows(monkeypatch):
     from s2v_fast.models import fast_path
 
     seen = []
-    text_attention = fast_path.text_attention
-    monkeypatch.setattr(fast_path, "text_attention",
-                        lambda q, k, v, b: seen.append(q.shape[1]) or text_attention(q, k, v, b))
+    text_out = fast_path.text_attention_output
+    monkeypatch.setattr(fast_path, "text_attention_output",
+                        lambda q, *a: seen.append(q.shape[1]) or text_out(q, *a))
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
     model.precision = "fast"
