@@ -27,7 +27,7 @@ stage() {
     kernels) python3 bench/bench_kernels.py --quick ;;
     dit448) python3 bench/bench_dit.py --sizes 448x832 --modes ${DIT_MODES:-forward,reference,fast,fast_sep_gelu} --topic ${DIT_TOPIC:-dit} ;;
     dit704) python3 bench/bench_dit.py --sizes 704x1280 --modes reference,fast --warmup 0 --iters 2 --topic dit704 ;;
-    dit704fold) python3 bench/bench_dit.py --sizes 704x1280 --modes fast_nofold,fast --warmup 0 --iters 2 --topic dit704_fold ;;
+    dit704fold) python3 bench/bench_dit.py --sizes 704x1280 --modes ${DIT_MODES:-fast_nofold,fast} --warmup 0 --iters 2 --topic dit704_fold ;;
     compile) python3 bench/bench_dit.py --sizes 448x832 --modes fast,compile --topic dit_compile ;;
     vae) python3 bench/bench_vae.py ;;
     offload) python3 bench/bench_offload.py ;;
