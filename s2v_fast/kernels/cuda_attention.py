@@ -30,7 +30,11 @@ from typing import Optional
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# Where the kernel sources are found (csrc_dir): the package's own s2v_fast/csrc/ (a wheel or
+# ``pip install .``: setup.py installs the checkout's top-level csrc/ there), else the checkout's
+# csrc/ next to the package (editable install, PYTHONPATH); $S2V_CSRC_DIR overrides both.
+_PACKAGE = Path(__file__).resolve().parents[1]
+CSRC_CANDIDATES = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
 # kernel -> (source file, exported function, ctypes argument types)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _LL = ctypes.POINTER(ctypes.c_longlong)
@@ -51,8 +55,24 @@ _failed: dict = {}  # kernel -> why its build or load failed (not retried)
 _lock = threading.Lock()
 
 
+def _has_sources(d: Path) -> bool:
+    return all((d / src).is_file() for src, _, _ in KERNELS.values())
+
+
+# the first candidate holding every kernel's .cu; the package's own s2v_fast/csrc when none does
+# (so that the error message names where a wheel puts them)
+CSRC = next((d for d in CSRC_CANDIDATES if _has_sources(d)), CSRC_CANDIDATES[0])
+
+
+def csrc_dir() -> Path:
+    """The directory the kernel sources are compiled from: ``$S2V_CSRC_DIR`` when set (read at
+    each call), else ``CSRC`` (the installed package's ``s2v_fast/csrc``, else the checkout's
+    ``csrc/``)."""
+    return Path(os.environ.get("S2V_CSRC_DIR") or CSRC)
+
+
 def source_path(kernel: str = "bf16") -> Path:
-    return Path(os.environ.get("S2V_CSRC_DIR", CSRC)) / KERNELS[kernel][0]
+    return csrc_dir() / KERNELS[kernel][0]
 
 
 def find_nvcc() -> Optional[str]:
@@ -74,13 +94,17 @@ def unavailable_reason() -> Optional[str]:
     if torch.cuda.get_device_capability()[0] != 9:
         return ("attention backend 'cuda' is built for Hopper (sm_90: H100/H200) only; "
                 "use --attention-backend auto")
-    if not all(source_path(name).is_file() for name in KERNELS):
-        return (f"attention backend 'cuda' needs {source_path().parent}/*.cu (a source checkout of "
-                "s2v_fast, or S2V_CSRC_DIR pointing at its csrc/); use --attention-backend auto")
+    missing = [p.name for p in map(source_path, KERNELS) if not p.is_file()]
+    if missing:
+        env = os.environ.get("S2V_CSRC_DIR")
+        where = f"S2V_CSRC_DIR={env}" if env else " or ".join(map(str, CSRC_CANDIDATES))
+        return (f"attention backend 'cuda' needs its CUDA sources, but {where} has no "
+                f"{', '.join(missing)}: reinstall s2v_fast (its wheel ships them in "
+                "s2v_fast/csrc/) or set S2V_CSRC_DIR to a directory holding them (a checkout's "
+                "csrc/); or use --attention-backend auto")
     if find_nvcc() is None:
         return ("attention backend 'cuda' needs nvcc (the CUDA toolkit) to build "
-                "csrc/flash_attention_sm90.cu: install it or set CUDA_HOME; or use "
-                "--attention-backend auto")
+                f"{source_path()}: install it or set CUDA_HOME; or use --attention-backend auto")
     return None
 
 
