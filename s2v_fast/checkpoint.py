@@ -11,12 +11,19 @@ Layout: ``config.json`` + ``diffusion_pytorch_model.safetensors.index.json`` +
   semantics: never two copies of the weights).
 * :func:`save_pretrained` writes the sharded layout.
 * :func:`iter_checkpoint_tensors` streams selected tensors or slices (``safe_open.get_slice``).
+* :func:`load_tensor_file` is the one reader of pickled ``.pth`` / ``.bin`` files in the package
+  (VAE, T5): ``torch.load(weights_only=True)`` with no fallback, so no file we read can run code;
+  a pickle that needs the full unpickler is refused with a one-line :class:`CheckpointError`.
+
+The DiT is read only through safetensors (``safe_open``), which holds no code.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import warnings
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -26,12 +33,12 @@ from safetensors.torch import save_file
 
 from .config import DiTConfig
 from .errors import CheckpointError
+from .hub import download_hint, repair_hint
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
-DOWNLOAD_HINT = ("download the weights with `huggingface-cli download Wan-AI/Wan2.2-S2V-14B "
-                 "--local-dir DIR`")
+DOWNLOAD_HINT = f"download the weights with `{download_hint()}`"
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -50,6 +57,12 @@ def checkpoint_files(path: str) -> List[str]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"cannot read checkpoint index {index} ({exc!r}); "
                                   f"re-download it: {DOWNLOAD_HINT}") from None
+        root = os.path.realpath(path)
+        bad = [f for f in files if not isinstance(f, str) or os.path.commonpath(
+            [root, os.path.realpath(os.path.join(root, f))]) != root]
+        if bad:
+            raise CheckpointError(f"checkpoint index {index} names shard(s) outside {path}: "
+                                  f"{_short(bad)}; re-download it: {DOWNLOAD_HINT}")
         full = [os.path.join(path, f) for f in files]
         missing = [p for p in full if not os.path.isfile(p)]
         if missing:
@@ -72,8 +85,69 @@ def _safe_open(file: str, device: str = "cpu"):
     try:
         return safe_open(file, framework="pt", device=device)
     except Exception as exc:  # safetensors raises several exception types
-        raise CheckpointError(f"cannot read checkpoint shard {file} ({exc}); "
-                              f"re-download it: {DOWNLOAD_HINT}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint shard {file} as safetensors ({first}); "
+                              f"{_fix(file)}") from None
+
+
+def _fix(file: str) -> str:
+    """The repair advice for a damaged DiT file: rebuild (tiny set) or download again."""
+    hint = repair_hint(file)
+    return DOWNLOAD_HINT if hint.startswith("re-download") else hint
+
+
+# ----------------------------------------------------------------------------- pickled files
+def _unpickler_refusal(what: str, path: str, exc: BaseException, fix: str) -> str:
+    """One line from torch's multi-line weights-only refusal: the blocked global when there is
+    one (``posix.system``), else the unsupported opcode (a corrupt file looks the same)."""
+    text = str(exc)
+    m = re.search(r"unsupported GLOBAL ([\w.]+)", text, re.I)
+    if m:
+        return (f"refusing to load {what} {path}: its pickle calls {m.group(1)}, which only "
+                f"Python's full unpickler allows (it can run code), and s2v_fast reads only plain "
+                f"tensor files; {fix}")
+    detail = next((ln.strip().rstrip(".") for ln in text.splitlines()
+                   if ln.strip().lower().startswith("unsupported")), "not a tensor pickle")
+    return (f"cannot read {what} {path}: it is corrupt or a pickle that needs Python's full "
+            f"unpickler (which can run code; s2v_fast reads only plain tensor files) "
+            f"({detail[:120]}); {fix}")
+
+
+def load_tensor_file(path: str, what: str, fix: Optional[str] = None, *, mmap: bool = False):
+    """Read a ``.safetensors`` file, or a pickled ``.pth`` / ``.bin`` with
+    ``torch.load(weights_only=True)`` and never anything looser: a pickle that needs the full
+    unpickler (it could run code, e.g. ``os.system``) is refused with a one-line
+    :class:`CheckpointError` naming the file. ``what`` names the file in messages
+    (``"VAE checkpoint"``); ``fix`` is the advice appended (default: rebuild / re-download).
+    ``mmap`` maps zip-format files instead of reading them (falls back to a plain read for the
+    legacy format; still weights-only)."""
+    fix = fix or repair_hint(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(f"cannot read {what} {path} ({first}); {fix}") from None
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." and the like
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not (mmap and "mmap" in str(exc)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise CheckpointError(_unpickler_refusal(what, path, exc, fix)) from None
+        raise CheckpointError(f"cannot read {what} {path} (corrupt pickle: "
+                              f"{(str(exc).splitlines() or [''])[0][:120]}); {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, I/O error, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"cannot read {what} {path} ({type(exc).__name__}: {first}); "
+                              f"{fix}") from None
 
 
 # ----------------------------------------------------------------------------- reading

@@ -86,7 +86,7 @@ class DiTConfig:
         if not os.path.isfile(path):
             raise CheckpointError(
                 f"missing DiT config {path}; download the weights with "
-                "`huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir DIR`")
+                "`hf download Wan-AI/Wan2.2-S2V-14B --local-dir DIR`")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -23,6 +23,9 @@ T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER = "google/umt5-xxl"
 VAE_CHECKPOINT = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
+# Written by :func:`s2v_fast.models.tiny.write_tiny_checkpoint` next to the tiny model set: its
+# version and the size + sha256 of every file, so a damaged set is told from a real checkpoint.
+TINY_MANIFEST = "s2v_fast_tiny.json"
 
 # Only what the pipeline reads: no ModelScope metadata, no example assets.
 ALLOW_PATTERNS = [
@@ -39,7 +42,39 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def download_hint(directory: str = "DIR") -> str:
-    return f"huggingface-cli download {DEFAULT_MODEL_ID} --local-dir {directory}"
+    """The download command (huggingface_hub >= 0.34 installs ``hf``; ``huggingface-cli`` is gone)."""
+    return f"hf download {DEFAULT_MODEL_ID} --local-dir {directory}"
+
+
+def is_tiny_dir(path: str) -> bool:
+    """Whether ``path`` holds a tiny model set written by s2v_fast (it has the tiny manifest)."""
+    return os.path.isfile(os.path.join(path, TINY_MANIFEST))
+
+
+def tiny_rebuild_hint(directory: str) -> str:
+    """How to rebuild the tiny model set in ``directory`` (one clause, no trailing period)."""
+    from .models.tiny import default_cache_dir
+
+    if _same_path(directory, default_cache_dir()):
+        return (f"run again with --model tiny to rebuild it (or delete {directory}; it is "
+                f"rebuilt on the next --model tiny run)")
+    return (f"rebuild it with `python -m s2v_fast.models.tiny {directory}`, or use --model tiny "
+            f"(the cached tiny set is rebuilt automatically)")
+
+
+def repair_hint(file_path: str) -> str:
+    """What to do about a damaged or unusable file of a model directory: rebuild it when the
+    directory is a tiny model set written by s2v_fast, else download the official weights."""
+    d = os.path.dirname(os.path.abspath(file_path))
+    for _ in range(3):  # the file may sit in google/umt5-xxl/ or wav2vec2-large-xlsr-53-english/
+        if is_tiny_dir(d):
+            return f"{d} is a tiny model set written by s2v_fast: {tiny_rebuild_hint(d)}"
+        d = os.path.dirname(d)
+    return f"re-download it: {download_hint()}"
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
 
 def missing_files(path: str) -> list[str]:
@@ -102,7 +137,10 @@ def resolve_model(name_or_path: str, *, cache_dir: str | None = None) -> str:
 
     * ``"tiny"``: the built-in tiny model set (random weights, produces noise; for trying the
       pipeline), materialised once in the cache (:func:`s2v_fast.models.tiny.ensure_tiny_checkpoint`).
-    * an existing directory: used as is, after checking it is complete.
+    * an existing directory: used as is, after checking it is complete. A tiny model set written
+      by s2v_fast (it carries :data:`TINY_MANIFEST`) is checked against its manifest as well: the
+      tiny cache itself is rebuilt when damaged, any other such directory gets a one-line error
+      saying how to rebuild it (never the 45 GB download hint).
     * ``owner/name``: downloaded (only the files the pipeline reads) with
       ``huggingface_hub.snapshot_download``; files already in the HF cache are reused.
     """
@@ -112,6 +150,8 @@ def resolve_model(name_or_path: str, *, cache_dir: str | None = None) -> str:
         return ensure_tiny_checkpoint()
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
+        if is_tiny_dir(expanded):
+            return _check_tiny_dir(expanded)
         return check_model_dir(expanded)
     if os.path.exists(expanded):
         raise CheckpointError(
@@ -124,6 +164,18 @@ def resolve_model(name_or_path: str, *, cache_dir: str | None = None) -> str:
             f"'{DEFAULT_MODEL_ID}' or 'tiny' (download with: {download_hint()})"
         )
     return check_model_dir(_download(name_or_path, cache_dir=cache_dir))
+
+
+def _check_tiny_dir(path: str) -> str:
+    from .models.tiny import default_cache_dir, ensure_tiny_checkpoint, verify_tiny_checkpoint
+
+    if _same_path(path, default_cache_dir()):  # the package's own cache: rebuilt when damaged
+        return ensure_tiny_checkpoint(path)
+    problem = verify_tiny_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"the tiny model set in {path} is damaged ({problem}); "
+                              f"{tiny_rebuild_hint(path)}")
+    return path
 
 
 def _download(repo_id: str, *, cache_dir: str | None = None) -> str:

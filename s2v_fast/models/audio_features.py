@@ -5,7 +5,9 @@
 * :class:`AudioFeatureExtractor` -- ``Wav2Vec2FeatureExtractor`` (the audio half of the reference
   ``Wav2Vec2Processor``; ``do_normalize`` from ``preprocessor_config.json``) + ``Wav2Vec2ForCTC``
   loaded with ``from_pretrained(local_files_only=True)`` (official
-  ``wav2vec2-large-xlsr-53-english`` key layout). ``__call__(wave) -> [25, T_a, D]`` fp32.
+  ``wav2vec2-large-xlsr-53-english`` key layout) from ``model.safetensors`` when the directory
+  has it, else ``pytorch_model.bin`` read weights-only (never the full unpickler).
+  ``__call__(wave) -> [25, T_a, D]`` fp32.
 * :func:`interpolate_features` -- 50 Hz -> 30 fps, linear, ``align_corners=True``.
 * :func:`bucket_features` -- ``get_audio_embed_bucket_fps`` semantics (round-half-to-even
   indices, zeros past the end, the extra all-zero clip when T30 is an exact multiple).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -95,6 +98,23 @@ def conv_output_length(num_samples: int, kernels=(10, 3, 3, 3, 3, 2, 2), strides
     return n
 
 
+def _weights_error(weights: str, e: BaseException) -> str:
+    """One line naming the wav2vec2 weights file that could not be loaded, and why."""
+    chain, cur = [], e
+    while cur is not None and len(chain) < 5:  # transformers wraps torch's UnpicklingError
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(x) for x in chain)
+    if "weights only load failed" in text.lower():  # torch's weights-only refusal
+        m = re.search(r"unsupported GLOBAL ([\w.]+)", text, re.I)
+        why = f"its pickle calls {m.group(1)}" if m else "it is corrupt or a pickle of more than tensors"
+        return (f"refusing to load wav2vec2 weights {weights}: {why}, which needs Python's full "
+                "unpickler (it can run code), and s2v_fast reads only plain tensor files; "
+                "use the official wav2vec2-large-xlsr-53-english model.safetensors")
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"cannot load wav2vec2 weights {weights} ({msg}); re-download wav2vec2-large-xlsr-53-english"
+
+
 class AudioFeatureExtractor:
     """wav2vec2 feature extractor + ``Wav2Vec2ForCTC``; ``__call__(wave) -> [25, T_a, D]`` float32."""
 
@@ -114,16 +134,26 @@ class AudioFeatureExtractor:
         for name in ("config.json", "preprocessor_config.json"):
             if not os.path.isfile(os.path.join(path, name)):
                 raise CheckpointError(f"wav2vec2 directory {path} lacks {name}; re-download wav2vec2-large-xlsr-53-english")
-        if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "pytorch_model.bin")):
-            raise CheckpointError(f"wav2vec2 directory {path} lacks model.safetensors; re-download wav2vec2-large-xlsr-53-english")
+        # safetensors whenever the directory has it (it holds no code); else pytorch_model.bin,
+        # read weights-only (transformers' torch.load(weights_only=True)): never the full unpickler
+        weights = os.path.join(path, "model.safetensors")
+        use_safetensors = os.path.isfile(weights)
+        if not use_safetensors:
+            weights = os.path.join(path, "pytorch_model.bin")
+            if not os.path.isfile(weights):
+                raise CheckpointError(f"wav2vec2 directory {path} lacks model.safetensors; re-download wav2vec2-large-xlsr-53-english")
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
         try:
             fe = Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True)
-            model = Wav2Vec2ForCTC.from_pretrained(path, local_files_only=True, dtype=dtype)
         except Exception as e:  # noqa: BLE001
             msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(f"cannot load wav2vec2 from {path} ({msg}); re-download wav2vec2-large-xlsr-53-english") from None
+            raise CheckpointError(f"cannot load the wav2vec2 feature extractor from {path} ({msg}); re-download wav2vec2-large-xlsr-53-english") from None
+        try:
+            model = Wav2Vec2ForCTC.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                   use_safetensors=use_safetensors, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(_weights_error(weights, e)) from None
         if not model.config.do_stable_layer_norm:
             raise CheckpointError(
                 f"wav2vec2 at {path} is not a stable-layer-norm (xlsr/large) model; use wav2vec2-large-xlsr-53-english"

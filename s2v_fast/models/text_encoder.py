@@ -279,7 +279,8 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # tokenizer.json / spiece.model are data; no auto_map code is ever imported
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure is a broken tokenizer dir
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -288,15 +289,16 @@ def load_tokenizer(path: str):
 
 
 def load_t5_state_dict(path: str) -> dict:
+    """``models_t5_umt5-xxl-enc-bf16.pth`` through ``torch.load(weights_only=True, mmap=True)``
+    only: a file that needs the full unpickler (it could run code) is refused, naming the file."""
+    from s2v_fast.checkpoint import load_tensor_file
+    from s2v_fast.hub import repair_hint
+
     if not os.path.isfile(path):
         raise CheckpointError(f"T5 checkpoint not found: {path}; download {T5_CHECKPOINT_NAME} into the checkpoint dir")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read T5 checkpoint {path} ({msg[:200]}); the file is corrupt, re-download it") from None
+    sd = load_tensor_file(path, "T5 checkpoint", mmap=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"T5 checkpoint {path} is not a state dict of tensors; re-download {T5_CHECKPOINT_NAME}")
+        raise CheckpointError(f"T5 checkpoint {path} is not a state dict of tensors; {repair_hint(path)}")
     return sd
 
 

@@ -10,13 +10,20 @@
 * ``Wan2.1_VAE.pth``: the Wan2.1 VAE structure with base dim 4;
 * ``wav2vec2-large-xlsr-53-english/``: a 24-layer wav2vec2 with hidden size 32 (25 hidden states).
 
+plus ``s2v_fast_tiny.json`` (the version and the sha256 of every file): a damaged or outdated set
+is told from a real checkpoint, and the cached one is rebuilt by itself
+(``python -m s2v_fast.models.tiny [DIR]`` rebuilds one by hand).
+
 Everything then loads through the same loaders as the 14B model, so the whole pipeline (inputs,
 clip loop, MP4 writing) can be tried on a CPU in seconds. The output is noise.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -31,34 +38,140 @@ def default_cache_dir() -> str:
     return os.path.join(root, TINY_VERSION)
 
 
-def ensure_tiny_checkpoint(directory: str | None = None) -> str:
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(directory: str) -> None:
+    """Record the version and the size + sha256 of every file of the set (written last)."""
+    from ..hub import TINY_MANIFEST
+
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, directory).replace(os.sep, "/")
+            if rel != TINY_MANIFEST:
+                files[rel] = {"size": os.path.getsize(full), "sha256": _file_digest(full)}
+    with open(os.path.join(directory, TINY_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"format": "s2v_fast tiny model set", "version": TINY_VERSION,
+                   "files": dict(sorted(files.items()))}, f, indent=1)
+
+
+def verify_tiny_checkpoint(directory: str) -> str | None:
+    """``None`` when ``directory`` holds the tiny set exactly as :func:`write_tiny_checkpoint`
+    wrote it (this version, every file present with its recorded size and sha256); else a short
+    reason. Reads the ~6 MB set once (a few ms)."""
+    from ..hub import TINY_MANIFEST, missing_files
+
+    manifest = os.path.join(directory, TINY_MANIFEST)
+    if not os.path.isfile(manifest):
+        missing = missing_files(directory)
+        if missing:
+            return f"missing {', '.join(missing)}"
+        return f"no {TINY_MANIFEST} (written by an older s2v_fast)"
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            meta = json.load(f)
+        version, files = meta["version"], meta["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no file list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {TINY_MANIFEST} ({type(exc).__name__})"
+    if version != TINY_VERSION:
+        return f"written as {version!r}, this s2v_fast writes {TINY_VERSION!r}"
+    root = os.path.realpath(directory)
+    for rel, want in files.items():
+        full = os.path.realpath(os.path.join(root, str(rel)))
+        if os.path.commonpath([root, full]) != root:
+            return f"{TINY_MANIFEST} names a file outside the directory ({rel})"
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        try:
+            if (os.path.getsize(full) != want["size"]) or _file_digest(full) != want["sha256"]:
+                return f"{rel} differs from the file s2v_fast wrote"
+        except (OSError, KeyError, TypeError):
+            return f"{rel} cannot be checked"
+    missing = missing_files(directory)
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
+def _replaceable(target: str) -> bool:
+    """Only the tiny cache, a directory carrying the tiny manifest, or an empty directory is ever
+    deleted and rewritten (never, say, a real checkpoint passed by mistake)."""
+    from ..hub import _same_path, is_tiny_dir
+
+    return (_same_path(target, default_cache_dir()) or is_tiny_dir(target)
+            or not os.listdir(target))
+
+
+def ensure_tiny_checkpoint(directory: str | None = None, *, rebuild: bool = False) -> str:
     """Return a directory holding the tiny model set, writing it first if needed.
 
-    The set is built in a temporary sibling directory and renamed into place, so concurrent
-    callers and interrupted runs never see a half-written checkpoint.
+    An existing set is checked against its manifest (:func:`verify_tiny_checkpoint`); a damaged
+    or outdated one is rebuilt, with one line on stderr saying why (``rebuild=True`` rebuilds in
+    any case). The set is built in a temporary sibling directory and renamed into place, so
+    concurrent callers and interrupted runs never see a half-written checkpoint. When the set
+    cannot be rebuilt, a one-line :class:`~s2v_fast.errors.CheckpointError` says how to fix it.
     """
-    from ..hub import missing_files
+    from ..errors import CheckpointError
+    from ..hub import tiny_rebuild_hint
 
-    target = os.path.abspath(directory or default_cache_dir())
-    if os.path.isdir(target) and not missing_files(target):
-        return target
+    target = os.path.abspath(os.path.expanduser(directory or default_cache_dir()))
+    problem = None
+    if os.path.isdir(target):
+        problem = "rebuild requested" if rebuild else verify_tiny_checkpoint(target)
+        if problem is None:
+            return target
+        if not _replaceable(target):
+            why = verify_tiny_checkpoint(target) if rebuild else problem
+            raise CheckpointError(
+                f"{target} is not a tiny model set written by s2v_fast ({why}); refusing to "
+                "replace it: pass an empty or new directory for the tiny set")
+        print(f"s2v_fast: rebuilding the tiny model set in {target} ({problem})",
+              file=sys.stderr, flush=True)
+    elif os.path.exists(target):
+        raise CheckpointError(f"{target} is a file, not a directory for the tiny model set; "
+                              "remove it or choose another directory")
+    try:
+        _build_into_place(target, keep_valid=not rebuild)
+    except OSError as exc:
+        what = f"is damaged ({problem}) and " if problem else ""
+        raise CheckpointError(
+            f"the tiny model set in {target} {what}could not be written ({type(exc).__name__}: "
+            f"{exc.strerror or exc}); {tiny_rebuild_hint(target)} once the directory is "
+            "writable, or set S2V_FAST_CACHE to a writable directory") from None
+    return target
+
+
+def _build_into_place(target: str, keep_valid: bool = True) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    old = None
     try:
         write_tiny_checkpoint(tmp)
-        if os.path.isdir(target):  # incomplete leftover: replace it
-            shutil.rmtree(target, ignore_errors=True)
+        if os.path.isdir(target):
+            if keep_valid and verify_tiny_checkpoint(target) is None:  # rebuilt meanwhile
+                return
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
+            os.rename(target, os.path.join(old, "set"))  # aside first: the swap is two renames
         try:
             os.rename(tmp, target)
         except OSError:
-            if os.path.isdir(target) and not missing_files(target):  # another process won the race
-                return target
+            if os.path.isdir(target) and verify_tiny_checkpoint(target) is None:
+                return  # another process won the race
             raise
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        for leftover in (tmp, old):
+            if leftover and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_tiny_checkpoint(directory: str, seed: int = 0) -> str:
@@ -87,6 +200,7 @@ def write_tiny_checkpoint(directory: str, seed: int = 0) -> str:
 
     make_tiny_wav2vec2(os.path.join(directory, hub.WAV2VEC_DIR), seed=seed + 4,
                        hidden_size=dit.config.audio_dim)
+    _write_manifest(directory)
     return directory
 
 
@@ -122,3 +236,26 @@ def tiny_t5_state_dict(seed: int = 0) -> dict:
         sd[p + "ffn.fc2.weight"] = rnd(d, ff)
     sd["norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
     return sd
+
+
+def main(argv=None) -> int:
+    """``python -m s2v_fast.models.tiny [DIR]``: (re)build the tiny model set (default: the cache)."""
+    import argparse
+
+    from ..errors import S2VError
+
+    p = argparse.ArgumentParser(prog="python -m s2v_fast.models.tiny",
+                                description="(Re)build the tiny random-weight model set.")
+    p.add_argument("directory", nargs="?", default=None,
+                   help=f"where to write it (default: {default_cache_dir()})")
+    a = p.parse_args(argv)
+    try:
+        print(ensure_tiny_checkpoint(a.directory, rebuild=True))
+    except S2VError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

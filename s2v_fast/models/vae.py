@@ -277,26 +277,20 @@ def vae_config_from_state_dict(sd: Dict[str, torch.Tensor]) -> dict:
 
 
 def _load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """``Wan2.1_VAE.pth`` through ``torch.load(weights_only=True)`` (never the full unpickler:
+    a file that needs it is refused, naming the file) or a ``.safetensors`` with the same keys."""
+    from s2v_fast.checkpoint import load_tensor_file
+    from s2v_fast.hub import repair_hint
+
     if not os.path.isfile(path):
         raise CheckpointError(f"VAE checkpoint not found: {path}; download Wan2.1_VAE.pth into "
                               "the checkpoint directory")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                # first-party legacy checkpoints may need the full unpickler
-                sd = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read VAE checkpoint {path} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
+    sd = load_tensor_file(path, "VAE checkpoint")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"VAE checkpoint {path} is not a tensor state dict; re-download it")
+        raise CheckpointError(f"VAE checkpoint {path} is not a tensor state dict; "
+                              f"{repair_hint(path)}")
     return sd
 
 
