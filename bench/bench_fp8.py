@@ -246,6 +246,15 @@ def bench_gemm(cfg, M, N, K, recs):
 
 
 # ----------------------------------------------------------------------------- DiT
+def recorded_rows(out: torch.Tensor, idx: torch.Tensor):
+    """Rows ``idx`` of a block output (fp32) and how many of ``idx`` it holds. The last block on
+    the fast path returns only its leading noisy rows (the head reads nothing else), so indices
+    drawn from the block's input length can lie past its output: keep those below its length
+    (``idx`` is increasing) instead of indexing out of bounds (a device-side assert on CUDA)."""
+    keep = int((idx < out.shape[1]).sum())
+    return out.index_select(1, idx[:keep]).float(), keep
+
+
 class BlockRecorder:
     """Bench-only wrapper around s2v_fast.models.fast_path.fast_block: keeps, per block, the
     residual stream and the block's update on a fixed subset of tokens (fp32)."""
@@ -268,8 +277,8 @@ class BlockRecorder:
                 rec.idx = torch.linspace(0, L - 1, min(rec.n, L), device=x.device).long()
             x_in = x.index_select(1, rec.idx).float()  # before the call: blocks update x in place
             out = rec._orig(block, x, e0, split, cache, index, *a, **kw)  # (x, next block's start)
-            xo = out[0].index_select(1, rec.idx).float()
-            rec.store[index] = (xo, xo - x_in)
+            xo, keep = recorded_rows(out[0], rec.idx)
+            rec.store[index] = (xo, xo - x_in[:, :keep])
             return out
 
         fast_path.fast_block = wrapped

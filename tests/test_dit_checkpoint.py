@@ -77,7 +77,7 @@ def test_missing_shard_file(sharded):
     os.remove(sharded / _shards(sharded)[-1])
     with pytest.raises(CheckpointError) as ei:
         load_dit(str(sharded))
-    assert "of-" in str(ei.value) and "huggingface-cli download" in str(ei.value)
+    assert "of-" in str(ei.value) and "hf download" in str(ei.value)
 
 
 def test_missing_config(sharded):

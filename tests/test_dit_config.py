@@ -63,7 +63,7 @@ def test_bad_configs_raise(override, words):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(CheckpointError, match="huggingface-cli download"):
+    with pytest.raises(CheckpointError, match="hf download"):
         DiTConfig.from_json(str(tmp_path))
 
 

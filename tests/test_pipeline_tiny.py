@@ -261,7 +261,7 @@ def test_hub_local_dir_missing_files(tmp_path):
         resolve_model(str(tmp_path))
     msg = str(ei.value)
     for name in ("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/", "Wan2.1_VAE.pth",
-                 "wav2vec2-large-xlsr-53-english/", "huggingface-cli download Wan-AI/Wan2.2-S2V-14B"):
+                 "wav2vec2-large-xlsr-53-english/", "hf download Wan-AI/Wan2.2-S2V-14B"):
         assert name in msg
     assert "\n" not in msg
 
@@ -287,7 +287,7 @@ def test_hub_download(monkeypatch, tiny_dir):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_fail)
     with pytest.raises(CheckpointError) as ei:
         hub.resolve_model("Wan-AI/Wan2.2-S2V-14B")
-    assert "huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir" in str(ei.value)
+    assert "hf download Wan-AI/Wan2.2-S2V-14B --local-dir" in str(ei.value)
     assert "\n" not in str(ei.value)
     with pytest.raises(CheckpointError):
         hub.resolve_model("./not/a/dir/at/all")
