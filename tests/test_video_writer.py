@@ -162,3 +162,133 @@ def test_audio_errors(tmp_path):
     bad.write_bytes(b"RIFF0000garbage")
     with pytest.raises(InputError):
         MP4Writer(str(tmp_path / "o.mp4"), audio_path=str(bad))
+
+
+# ----------------------------------------------------------------------------- faults (issue 30)
+def _decodable(path):
+    """Frames PyAV decodes from a (possibly cut) file; None when it does not open."""
+    import av
+
+    try:
+        c = av.open(str(path))
+    except av.error.InvalidDataError:
+        return None
+    n = 0
+    with c:
+        try:
+            for _ in c.decode(video=0):
+                n += 1
+        except av.error.InvalidDataError:
+            pass
+    return n
+
+
+def test_partial_is_playable_while_writing(tmp_path):
+    """Fragmented MP4: a copy of the partial taken after each clip (what a SIGKILL or power loss
+    leaves) plays every clip but the one the encoder still holds; the finished file cut anywhere
+    plays up to the cut."""
+    import shutil
+
+    out = tmp_path / "o.mp4"
+    snaps = []
+    with MP4Writer(str(out), audio_path=_wav(tmp_path / "a.wav", 10.0)) as w:
+        assert os.path.basename(w.tmp_path) == f".o.mp4.{os.getpid()}.partial"
+        for r in range(3):
+            w.write_frames(_clip(t=48, seed=r))
+            shutil.copy(w.tmp_path, tmp_path / f"snap{r}")
+            snaps.append(_decodable(tmp_path / f"snap{r}"))
+    assert snaps[0] in (None, 0) and snaps[1] >= 48 and snaps[2] >= 96  # one clip behind
+    data = out.read_bytes()
+    for frac in (0.2, 0.5, 0.8, 0.99):  # (noise frames: bytes ~ frames)
+        cut = tmp_path / "cut.mp4"
+        cut.write_bytes(data[:int(len(data) * frac)])
+        assert _decodable(cut) >= 144 * frac - 24, frac
+    info = probe_mp4(out)
+    assert info["video_frames"] == 144 and info["audio_duration"] == pytest.approx(9.0, abs=0.01)
+
+
+def test_output_names(tmp_path):
+    for name in ("clip.gif", "clip.avi", "clip.mkv", "clip", "clip.mp4.tmp"):
+        with pytest.raises(InputError, match="use a name ending in .mp4") as e:
+            MP4Writer(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+    for name in ("a.mov", "b.M4V", "c.MP4"):
+        with MP4Writer(str(tmp_path / name)) as w:
+            w.write_frames(_clip(t=4))
+        assert probe_mp4(tmp_path / name)["video_frames"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["a.mov", "b.M4V", "c.MP4"]
+
+
+def test_lock_refuses_a_second_writer_and_cleans_stale_partials(tmp_path):
+    import fcntl
+
+    from s2v_fast.video_writer import OutputBusyError, OutputLock, lock_path
+
+    out = tmp_path / "o.mp4"
+    (tmp_path / ".o.mp4.99999.partial").write_bytes(b"x")   # left by a killed run
+    (tmp_path / ".o.4242.partial.mp4").write_bytes(b"x")    # the same, older naming
+    (tmp_path / ".other.mp4.5.partial").write_bytes(b"x")   # another output's: kept
+    (tmp_path / ".o.mp4.lock").write_text("99999\n")         # a dead owner's lock file
+    with OutputLock.acquire(out) as lock:
+        assert sorted(os.path.basename(p) for p in lock.removed) == [".o.4242.partial.mp4",
+                                                                    ".o.mp4.99999.partial"]
+        assert open(lock_path(out)).read() == f"{os.getpid()}\n"
+        with MP4Writer(str(out)) as w:  # the same process: re-entrant
+            w.write_frames(_clip(t=4))
+        assert os.path.exists(lock_path(out))  # still held by the outer reference
+        with pytest.raises(S2VError, match="another MP4Writer of this process"):
+            w1 = MP4Writer(str(out))
+            MP4Writer(str(out))
+        w1.abort()
+    assert sorted(os.listdir(tmp_path)) == [".other.mp4.5.partial", "o.mp4"]
+
+    # another process holds it: flock from a second open file description acts as one
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4321\n")
+    try:
+        with pytest.raises(OutputBusyError) as e:
+            MP4Writer(str(out))
+        assert str(e.value) == (f"'{out}' is being written by another s2v-fast run (pid 4321); "
+                                f"wait for it to finish or choose another --output")
+    finally:
+        os.close(fd)
+    os.remove(lock_path(out))
+    assert sorted(os.listdir(tmp_path)) == [".other.mp4.5.partial", "o.mp4"]
+
+
+def test_signals_wait_for_the_clip_and_the_finish(tmp_path):
+    """SIGTERM during write_frames / finish reaches its handler only after the call."""
+    import signal
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(("handler", signum))
+
+    class W(MP4Writer):
+        def _write(self, arr):
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("writing")
+            return super()._write(arr)
+
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        w = W(str(tmp_path / "o.mp4"))
+        w.write_frames(_clip(t=4))
+        seen.append("returned")
+        assert seen == ["writing", ("handler", signal.SIGTERM), "returned"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+        w.finish()
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    assert probe_mp4(tmp_path / "o.mp4")["video_frames"] == 4
+
+
+def test_finish_after_abort_raises(tmp_path):
+    w = MP4Writer(str(tmp_path / "o.mp4"))
+    w.write_frames(_clip(t=4))
+    w.abort()
+    with pytest.raises(S2VError, match="was aborted"):
+        w.finish()
+    assert os.listdir(tmp_path) == []
