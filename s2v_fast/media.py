@@ -5,7 +5,11 @@
   centre crop / zero pad -> [1, 3, 1, H, W] float32 in [-1, 1].
 * :func:`read_pose_video` -- PyAV decode from the start at stride round(src_fps / 16) ->
   [1, 3, N, H, W] in [-1, 1], padded with -1 frames.
-* validators raising :class:`~s2v_fast.errors.InputError` with one-line messages.
+* validators raising :class:`~s2v_fast.errors.InputError` with one-line messages, and the CLI's
+  input pre-checks (:func:`check_reference_image`, :func:`check_audio_duration`): an image at
+  least 64 px on each side, audio covering at least one 4-frame latent group;
+* images over PIL's decompression-bomb limit give one :class:`LargeImageWarning` per file (the
+  CLI prints it as one line), or a one-line InputError past twice the limit.
 
 The MP4 writer lives in :mod:`s2v_fast.video_writer` and is re-exported here.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 from typing import Tuple, Union
 
 import numpy as np
@@ -27,9 +33,13 @@ __all__ = [
     "MAX_AREA_CONFIGS", "SIZE_DIVISOR", "get_size_less_than_area", "resized_size_shorter_side",
     "center_crop_offsets", "load_reference_image", "read_pose_video", "iter_pose_clips", "check_size",
     "check_num_frames", "MP4Writer", "probe_mp4", "check_output_writable", "load_audio_for_mux",
+    "check_reference_image", "check_audio_duration", "LargeImageWarning", "MIN_IMAGE_SIDE",
 ]
 
 SIZE_DIVISOR = 64
+MIN_IMAGE_SIDE = 64  # a reference image smaller than one 64-pixel block on a side means nothing
+LATENT_GROUP_FRAMES = 4  # video frames per latent frame (the VAE's temporal stride)
+MODEL_FPS = 16  # the rate the model generates at
 
 # Same keys/values as the reference's MAX_AREA_CONFIGS (wan/configs/__init__.py); every one of
 # them is a supported S2V-14B size.
@@ -172,6 +182,51 @@ def _center_crop_tensor(x: torch.Tensor, out_h: int, out_w: int, fill: float = 0
 # ------------------------------------------------------------------------------------------------
 # Reference image
 # ------------------------------------------------------------------------------------------------
+class LargeImageWarning(UserWarning):
+    """The reference image is over PIL's decompression-bomb limit (decoded anyway)."""
+
+
+_warned_large: set = set()  # images already warned about (one warning per file and process)
+
+
+def _mpix(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels"
+
+
+def _open_image(path: str) -> Image.Image:
+    """Image.open + load of a file (native mode), with PIL's decompression-bomb warning turned
+    into one LargeImageWarning per file and its error into a one-line InputError."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" has {_mpix(int(m.group(1)))}," if m else " is"
+        raise InputError(f"reference image '{path}'{size} over PIL's decompression-bomb limit of "
+                         f"{_mpix(2 * Image.MAX_IMAGE_PIXELS)}; downscale it (the video is at "
+                         f"most about 1 megapixel)") from None
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            key = os.path.abspath(path)
+            if key not in _warned_large:
+                _warned_large.add(key)
+                iw, ih = img.size
+                warnings.warn(LargeImageWarning(
+                    f"reference image '{path}' is {iw}x{ih} ({_mpix(iw * ih)}), over PIL's "
+                    f"decompression-bomb limit of {_mpix(Image.MAX_IMAGE_PIXELS)}; it is decoded "
+                    f"anyway (slow, {iw * ih * 3 / 2**30:.1f} GiB as RGB) and resized to the video "
+                    f"size: downscale it to skip this"), stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    try:
+        img.load()
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 def open_image_rgb(path_or_pil) -> Image.Image:
     """Open an image file (or take a PIL image / uint8 HxWx3 array) as PIL RGB; InputError on failure."""
     if isinstance(path_or_pil, Image.Image):
@@ -180,18 +235,54 @@ def open_image_rgb(path_or_pil) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(path_or_pil)).convert("RGB")
     if isinstance(path_or_pil, torch.Tensor):
         return Image.fromarray(path_or_pil.detach().cpu().numpy()).convert("RGB")
+    path = _check_image_path(path_or_pil)
+    try:
+        with _open_image(path) as img:
+            return img.convert("RGB")
+    except InputError:
+        raise
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+        raise InputError(f"cannot decode reference image '{path}' ({type(e).__name__}); "
+                         f"use a valid PNG or JPEG file") from None
+
+
+def _check_image_path(path_or_pil) -> str:
     path = os.fspath(path_or_pil)
     if not os.path.exists(path):
         raise InputError(f"reference image '{path}' does not exist; check the --image path")
     if os.path.isdir(path):
         raise InputError(f"reference image '{path}' is a directory; pass an image file (PNG/JPEG)")
+    return path
+
+
+def check_reference_image(path) -> Tuple[int, int]:
+    """CLI pre-check of ``--image``: the file decodes and is at least MIN_IMAGE_SIDE pixels on
+    each side (one-line InputError otherwise). Returns (height, width)."""
+    path = _check_image_path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+        with _open_image(path) as img:
+            w, h = img.size
+    except InputError:
+        raise
+    except Exception as e:
         raise InputError(f"cannot decode reference image '{path}' ({type(e).__name__}); "
                          f"use a valid PNG or JPEG file") from None
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise InputError(f"reference image '{path}' is {w}x{h} pixels; use one at least "
+                         f"{MIN_IMAGE_SIDE} pixels on each side (the video is made of "
+                         f"{SIZE_DIVISOR}-pixel blocks)")
+    return h, w
+
+
+def check_audio_duration(path, seconds: float, fps: int = MODEL_FPS, trim_to_audio: bool = True) -> None:
+    """CLI pre-check of ``--audio``: at least one 4-frame latent group long, at the model's 16 fps
+    (and, when the video is trimmed to the audio, at ``fps`` too: 4 output frames)."""
+    rate = min(float(fps), MODEL_FPS) if trim_to_audio else MODEL_FPS
+    need = LATENT_GROUP_FRAMES / rate
+    if seconds < need - 1e-9:
+        raise InputError(f"audio file '{os.fspath(path)}' is {seconds:.3f} s long; it must cover at "
+                         f"least one {LATENT_GROUP_FRAMES}-frame latent group ({need:.2f} s at "
+                         f"{rate:g} fps): use a longer audio file")
 
 
 def image_size(path_or_pil) -> Tuple[int, int]:

@@ -198,3 +198,57 @@ def test_example_assets_present_and_small():
     assert info.samplerate == 16000 and info.channels == 1 and 3.0 <= info.duration <= 5.0
     x = load_reference_image(img, *get_size_less_than_area(512, 512, MAX_AREA_CONFIGS["480*832"]))
     assert x.shape == (1, 3, 1, 512, 512)  # already fits: no resize
+
+
+# ----------------------------------------------------------------------------- input checks (issue 30)
+def test_reference_image_size_check(tmp_path):
+    from s2v_fast.media import check_reference_image
+
+    for (w, h), ok in (((1, 1), False), ((63, 500), False), ((500, 63), False), ((64, 64), True)):
+        p = tmp_path / f"{w}x{h}.png"
+        Image.new("RGB", (w, h)).save(p)
+        if ok:
+            assert check_reference_image(str(p)) == (h, w)
+        else:
+            with pytest.raises(InputError, match=f"is {w}x{h} pixels; use one at least 64 pixels") as e:
+                check_reference_image(str(p))
+            assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="does not exist"):
+        check_reference_image(str(tmp_path / "none.png"))
+
+
+def test_decompression_bomb_warns_once_or_fails_in_one_line(tmp_path, monkeypatch, recwarn):
+    import warnings
+
+    from s2v_fast import media
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 80x80 = 6400 px: over, not twice over
+    monkeypatch.setattr(media, "_warned_large", set())
+    p = tmp_path / "big.png"
+    Image.new("RGB", (80, 80)).save(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        media.check_reference_image(str(p))
+        media.open_image_rgb(str(p))
+        load_reference_image(str(p), 64, 64)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and issubclass(caught[0].category, media.LargeImageWarning), msgs
+    assert "is 80x80 (0.0 megapixels), over PIL's decompression-bomb limit" in msgs[0]
+    assert "\n" not in msgs[0]
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (100, 100)).save(huge)  # 10000 px: over twice the limit, PIL refuses
+    with pytest.raises(InputError, match="has 0.0 megapixels, over PIL's decompression-bomb limit") as e:
+        media.open_image_rgb(str(huge))
+    assert "\n" not in str(e.value)
+
+
+def test_audio_duration_check():
+    from s2v_fast.media import check_audio_duration
+
+    check_audio_duration("a.wav", 0.25)
+    check_audio_duration("a.wav", 0.3, fps=8, trim_to_audio=False)
+    with pytest.raises(InputError, match=r"is 0\.240 s long; it must cover at least one 4-frame "
+                                         r"latent group \(0\.25 s at 16 fps\)"):
+        check_audio_duration("a.wav", 0.24)
+    with pytest.raises(InputError, match=r"\(0\.50 s at 8 fps\)"):
+        check_audio_duration("a.wav", 0.3, fps=8)
