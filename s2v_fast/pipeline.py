@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import random
 import time
@@ -147,6 +148,38 @@ class ClipResult:
     extra: dict = field(default_factory=dict)
 
 
+class SignalInterrupt(KeyboardInterrupt):
+    """A KeyboardInterrupt raised by a signal handler (the CLI turns SIGINT, SIGTERM and SIGHUP
+    into it): handled exactly like Ctrl-C, and carries the signal for the exit code (128 + n)."""
+
+    def __init__(self, signum: int):
+        import signal as _signal
+
+        self.signum = int(signum)
+        try:
+            self.signal_name = _signal.Signals(self.signum).name
+        except ValueError:  # pragma: no cover
+            self.signal_name = f"signal {self.signum}"
+        super().__init__(self.signal_name)
+
+
+def interrupt_signal(exc: BaseException) -> Optional[int]:
+    """The signal number behind a KeyboardInterrupt (None for a plain one, e.g. a callback's)."""
+    for _ in range(8):  # the exception, or what it was raised from
+        if exc is None:
+            break
+        if isinstance(exc, SignalInterrupt):
+            return exc.signum
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _interrupted(exc: BaseException) -> str:
+    """'interrupted' or 'interrupted by SIGTERM'."""
+    sig = interrupt_signal(exc)
+    return "interrupted" if sig is None else f"interrupted by {SignalInterrupt(sig).signal_name}"
+
+
 class _PartialMixin:
     def _set(self, clips_done, num_clips, frames_written, output_path, cause):
         self.clips_done = clips_done
@@ -157,11 +190,13 @@ class _PartialMixin:
 
 
 class GenerationInterrupted(KeyboardInterrupt, _PartialMixin):
-    """Ctrl-C after at least one clip was written: the MP4 holds the finished clips."""
+    """Ctrl-C (or SIGTERM / SIGHUP through the CLI) after at least one clip was written: the MP4
+    holds the finished clips. ``signum``: the signal, None for a plain KeyboardInterrupt."""
 
     def __init__(self, message, **info):
         super().__init__(message)
         self._set(**info)
+        self.signum = interrupt_signal(self.cause)
 
 
 class PartialOutputError(S2VError, _PartialMixin):
@@ -176,30 +211,71 @@ class PartialOutputError(S2VError, _PartialMixin):
 # small helpers
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SEED_MAX = 2**63 - 1  # seed + clip index must fit torch.Generator.manual_seed
+_MULTIPLE_OF_64 = lambda v: _is_int(v) and v >= SIZE_DIVISOR and v % SIZE_DIVISOR == 0  # noqa: E731
+_AT_LEAST_1 = lambda v: _is_int(v) and v >= 1  # noqa: E731
+
+# Every numeric setting of a generation: (name = generate() argument and CLI dest, CLI flag,
+# check, the valid range in words). The CLI checks its parsed flags against this table right
+# after argparse (before any model is loaded), generate() its arguments; a value that fails
+# gives one line: "<flag> <value> is not <range>". None (an optional setting not given) passes.
+NUMERIC_SETTINGS = (
+    ("height", "--height", _MULTIPLE_OF_64, "a positive multiple of 64 (e.g. 448 or 832)"),
+    ("width", "--width", _MULTIPLE_OF_64, "a positive multiple of 64 (e.g. 448 or 832)"),
+    ("max_area", "--max-area", lambda v: _is_int(v) and v >= SIZE_DIVISOR ** 2,
+     f"an area of at least {SIZE_DIVISOR}*{SIZE_DIVISOR} = {SIZE_DIVISOR ** 2} pixels (e.g. 480*832)"),
+    ("num_frames", "--num-frames", lambda v: _is_int(v) and v >= 4 and v % 4 == 0,
+     "a positive multiple of 4 (default 80)"),
+    ("num_clips", "--num-clips", _AT_LEAST_1, "an integer >= 1 (default: as many as the audio needs)"),
+    ("fps", "--fps", lambda v: _is_finite(v) and v > 0, f"a number > 0 (default {SAMPLE_FPS}, the model's rate)"),
+    ("num_inference_steps", "--num-inference-steps", _AT_LEAST_1, "an integer >= 1 (default 40)"),
+    ("guidance_scale", "--guidance-scale", lambda v: _is_finite(v) and v >= 0,
+     "a finite number >= 0 (default 4.5; any value <= 1 turns classifier-free guidance off: "
+     "one conditional pass per step)"),
+    ("flow_shift", "--flow-shift", lambda v: _is_finite(v) and v > 0, "a finite number > 0 (default 3.0)"),
+    ("seed", "--seed", lambda v: _is_int(v) and -1 <= v <= SEED_MAX,
+     f"an integer from 0 to {SEED_MAX}, or -1 for a random seed"),
+    ("ulysses_degree", "--ulysses-degree", _AT_LEAST_1, "an integer >= 1"),
+    ("ring_degree", "--ring-degree", _AT_LEAST_1, "an integer >= 1"),
+    ("tensor_parallel_size", "--tensor-parallel-size", _AT_LEAST_1, "an integer >= 1"),
+    ("cfg_parallel_size", "--cfg-parallel-size", lambda v: _is_int(v) and v in (1, 2), "1 or 2"),
+    ("vae_patch_parallel_size", "--vae-patch-parallel-size", _AT_LEAST_1, "an integer >= 1"),
+)
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def check_numeric_settings(values) -> None:
+    """Check every setting of ``values`` (a mapping, e.g. ``vars(args)``) that
+    :data:`NUMERIC_SETTINGS` names; one-line InputError for the first bad one."""
+    for name, flag, ok, valid in NUMERIC_SETTINGS:
+        v = values.get(name)
+        if v is not None and not ok(v):
+            raise InputError(f"{flag} {_show(v)} is not {valid}")
+
+
 def validate_settings(*, height=None, width=None, num_frames=80, num_inference_steps=40,
                       guidance_scale=4.5, sample_solver="unipc", max_area=DEFAULT_MAX_AREA,
-                      num_clips=None, fps=SAMPLE_FPS) -> None:
+                      num_clips=None, fps=SAMPLE_FPS, flow_shift=None, seed=None) -> None:
     """Cheap checks done before any model is loaded (each raises a one-line InputError)."""
+    check_numeric_settings(dict(height=height, width=width, num_frames=num_frames,
+                                num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, max_area=max_area,
+                                num_clips=num_clips, fps=fps, flow_shift=flow_shift, seed=seed))
     if (height is None) != (width is None):
         raise InputError("pass both --height and --width, or neither (then the size follows the image)")
-    for name, v in (("height", height), ("width", width)):
-        if v is not None and (int(v) <= 0 or int(v) % SIZE_DIVISOR):
-            raise InputError(f"--{name} {v} is not a positive multiple of {SIZE_DIVISOR}; "
-                             f"use e.g. {max(SIZE_DIVISOR, round(int(v) / SIZE_DIVISOR) * SIZE_DIVISOR)}")
-    if int(num_frames) <= 0 or int(num_frames) % 4:
-        raise InputError(f"--num-frames {num_frames} is not a positive multiple of 4; use e.g. 80")
-    if int(num_inference_steps) < 1:
-        raise InputError(f"--num-inference-steps must be >= 1, got {num_inference_steps}")
     if sample_solver not in ("unipc", "dpm++"):
         raise InputError(f"--sample-solver {sample_solver!r} is not supported; use unipc or dpm++")
-    if max_area is not None and int(max_area) < SIZE_DIVISOR * SIZE_DIVISOR:
-        raise InputError(f"--max-area {max_area} is below {SIZE_DIVISOR}*{SIZE_DIVISOR}; use e.g. 480*832")
-    if num_clips is not None and int(num_clips) < 1:
-        raise InputError(f"--num-clips must be >= 1, got {num_clips}")
-    if not math.isfinite(float(guidance_scale)):
-        raise InputError(f"--guidance-scale must be a number, got {guidance_scale}")
-    if int(fps) <= 0:
-        raise InputError(f"--fps must be positive, got {fps}")
 
 
 def frames_for_clips(num_clips: int, num_frames: int, drop_first: bool) -> int:
@@ -722,7 +798,8 @@ class S2VPipeline:
         callbacks = list(callbacks or ())
         validate_settings(height=height, width=width, num_frames=num_frames,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          sample_solver=sample_solver, max_area=max_area, num_clips=num_clips, fps=fps)
+                          sample_solver=sample_solver, max_area=max_area, num_clips=num_clips, fps=fps,
+                          flow_shift=flow_shift, seed=seed)
         if audio is None and audio_feats_50hz is None:
             raise InputError("no audio given; pass --audio FILE (wav/mp3/flac)")
         if return_video is None:
@@ -839,27 +916,32 @@ class S2VPipeline:
 
     @staticmethod
     def _handle_failure(exc, writer, clips_done, n_clips, frames_done, output):
-        """Ctrl-C or an error mid-run: keep the finished clips in a valid MP4, else leave nothing.
+        """Ctrl-C, a signal or an error mid-run: keep the finished clips in a valid MP4, else
+        leave nothing.
 
-        A ``KeyboardInterrupt`` is re-raised as :class:`GenerationInterrupted` (a KeyboardInterrupt
-        carrying what was kept); any other error after >= 1 written clip as :class:`PartialOutputError`.
+        A ``KeyboardInterrupt`` (a :class:`SignalInterrupt` too) is re-raised as
+        :class:`GenerationInterrupted` (a KeyboardInterrupt carrying what was kept); any other
+        error after >= 1 written clip as :class:`PartialOutputError`. The writer is the judge of
+        what was kept: it takes interrupt signals only between clips, so a clip it wrote is whole
+        even when the interrupt came before the loop counted it.
         """
         if writer is None:
             return
-        if not (frames_done > 0 and writer.frames_written > 0 and isinstance(exc, (KeyboardInterrupt, Exception))):
+        if not (writer.chunks_written > 0 and isinstance(exc, (KeyboardInterrupt, Exception))):
             writer.abort()
             return
         try:
-            writer.finish()
+            writer.finish()  # (a no-op when the interrupt came right after the final finish)
         except Exception:
             writer.abort()
             return
+        clips_done = max(clips_done, writer.chunks_written)
         info = dict(clips_done=clips_done, num_clips=n_clips, frames_written=writer.frames_written,
                     output_path=writer.path, cause=exc)
         kept = f"kept the {clips_done} finished clip(s) ({writer.frames_written} frames) in {writer.path}"
         if isinstance(exc, KeyboardInterrupt):
-            raise GenerationInterrupted(f"interrupted after {clips_done} of {n_clips} clips; {kept}",
-                                        **info) from exc
+            raise GenerationInterrupted(f"{_interrupted(exc)} after {clips_done} of {n_clips} clips; "
+                                        f"{kept}", **info) from exc
         raise PartialOutputError(f"generation failed after {clips_done} of {n_clips} clips "
                                  f"({_one_line(exc)}); {kept}", **info) from exc
 
