@@ -4,15 +4,24 @@ All generate flags are added by :func:`add_generate_args`, so every subcommand t
 generation shares them (model, inputs, sampling, precision / attention backend, offload,
 multi-GPU degrees, profiling). Under ``torchrun`` every rank runs the same command; rank 0 prints
 and writes the MP4. Errors a user can fix print one line and exit with code 2 (``--debug`` shows
-the traceback); Ctrl-C exits with 130 after keeping the finished clips; other failures exit with 1.
+the traceback): every numeric flag is checked against ``pipeline.NUMERIC_SETTINGS`` right after
+argparse, the inputs and the output name before any model is loaded. Ctrl-C, SIGTERM and SIGHUP
+stop the run the same way: the finished clips are kept in a playable MP4 under the requested name
+(audio trimmed to them), one line says how many, and the exit code is 128 + the signal (130, 143,
+129). One run per output at a time: a second one for the same ``--output`` refuses at start.
+Other failures exit with 1.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 
 from .errors import InputError, S2VError
 
@@ -25,7 +34,8 @@ TINY_MAX_AREA = "128*128"  # --model tiny without --max-area: small frames so a 
 TINY_NOTE = ("note: --model tiny uses small random weights: the video is noise. It exists to try "
              "the pipeline end to end (inputs, clip loop, MP4 output) without downloading 14B weights.")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130 = 128 + SIGINT
+INTERRUPT_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each exits with 128 + its number
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,18 +43,20 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parse_max_area(value: str) -> int:
-    """'480*832', '480x832' or '399360' -> pixel area."""
+    """'480*832', '480x832' or '399360' -> pixel area (its range is checked with the other
+    numeric flags, :func:`check_numeric_flags`)."""
     v = str(value).strip().lower().replace("x", "*")
     try:
         if "*" in v:
             a, b = v.split("*")
-            area = int(a) * int(b)
+            a, b = int(a), int(b)
+            if a <= 0 or b <= 0:
+                raise ValueError
+            area = a * b
         else:
             area = int(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not an area; use e.g. 480*832 or 399360") from None
-    if area <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
     return area
 
 
@@ -109,10 +121,13 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
     g = p.add_argument_group("sampling")
     g.add_argument("--num-inference-steps", type=int, default=40, help="denoising steps per clip (default: 40)")
     g.add_argument("--guidance-scale", type=float, default=4.5,
-                   help="classifier-free guidance over text+audio; <= 1 disables it (default: 4.5)")
-    g.add_argument("--flow-shift", type=float, default=3.0, help="flow-matching schedule shift (default: 3.0)")
+                   help="classifier-free guidance over text+audio, >= 0; any value <= 1 disables it "
+                        "(one conditional pass per step) (default: 4.5)")
+    g.add_argument("--flow-shift", type=float, default=3.0,
+                   help="flow-matching schedule shift, > 0 (default: 3.0)")
     g.add_argument("--sample-solver", choices=["unipc", "dpm++"], default="unipc", help="sampler (default: unipc)")
-    g.add_argument("--seed", type=int, default=42, help="random seed; -1 picks one (default: 42)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="random seed, 0 to 2**63-1; -1 picks a random one (printed) (default: 42)")
 
     g = p.add_argument_group("memory")
     g.add_argument("--vae-use-slicing", action="store_true", help="decode the VAE batch one sample at a time")
@@ -128,7 +143,8 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
     add_profiling_arguments(p, require_dir=profile)
 
     g = p.add_argument_group("output")
-    g.add_argument("--output", default=DEFAULT_OUTPUT, help=f"MP4 file to write (default: {DEFAULT_OUTPUT})")
+    g.add_argument("--output", default=DEFAULT_OUTPUT,
+                   help=f"MP4 file to write: .mp4, .m4v or .mov (default: {DEFAULT_OUTPUT})")
     g.add_argument("--debug", action="store_true", help="show full tracebacks")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -246,21 +262,108 @@ def resolve_device(name: str):
     return dev
 
 
+def check_numeric_flags(args) -> None:
+    """Every numeric flag against its valid range (``pipeline.NUMERIC_SETTINGS``), right after
+    argparse: one-line InputError naming the flag, the value and the range."""
+    from .pipeline import check_numeric_settings
+
+    check_numeric_settings(vars(args))
+
+
 def precheck_inputs(args) -> None:
     """Fail fast (before loading any model) on bad settings, inputs and output path."""
     from . import media
     from .models.audio_features import load_audio
-    from .pipeline import validate_settings
+    from .pipeline import AUDIO_SAMPLE_RATE, validate_settings
 
     validate_settings(height=args.height, width=args.width, num_frames=args.num_frames,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                       sample_solver=args.sample_solver, max_area=args.max_area,
-                      num_clips=args.num_clips, fps=args.fps)
+                      num_clips=args.num_clips, fps=args.fps, flow_shift=args.flow_shift,
+                      seed=args.seed)
     media.check_output_writable(args.output)
-    media.open_image_rgb(args.image)
-    load_audio(args.audio)
+    media.check_reference_image(args.image)
+    wave = load_audio(args.audio, sr=AUDIO_SAMPLE_RATE)
+    media.check_audio_duration(args.audio, len(wave) / AUDIO_SAMPLE_RATE, fps=args.fps,
+                               trim_to_audio=args.trim_to_audio)
     if args.pose_video is not None:
         media.read_pose_video(args.pose_video, 64, 64, num_frames=1)
+
+
+def lock_output(path, log):
+    """The output's exclusive lock (refuses when another run writes the same file); says which
+    partial files of a killed earlier run it removed."""
+    from .video_writer import OutputLock
+
+    lock = OutputLock.acquire(path)
+    if lock.removed:
+        names = ", ".join(os.path.basename(p) for p in lock.removed)
+        log(f"note: removed {names}, left for this output by an earlier run that was killed")
+    return lock
+
+
+@contextlib.contextmanager
+def interrupt_signals(log):
+    """While the run lasts, SIGINT, SIGTERM and SIGHUP raise ``SignalInterrupt`` (a
+    KeyboardInterrupt carrying the signal): the pipeline keeps the finished clips and the exit
+    code is 128 + the signal. A second signal while the run stops is ignored (it is saving the
+    clips; one line says so), a third ends the process at once. A signal that was ignored when
+    the run started (``nohup``) stays ignored. Main thread only."""
+    from .pipeline import SignalInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise SignalInterrupt(signum)
+        if len(received) == 2:
+            log(f"\n{signal.Signals(signum).name} again: still saving the finished clips; send it "
+                f"once more to quit at once")
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    saved = {}
+    for name in INTERRUPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        prev = signal.getsignal(sig)
+        if prev == signal.SIG_IGN:
+            continue
+        saved[sig] = prev
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in saved.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """The input warnings of :mod:`s2v_fast.media` (a huge reference image) as one
+    ``warning: ...`` line each; every other warning as Python shows it."""
+    from .media import LargeImageWarning
+
+    prev = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LargeImageWarning):
+            if is_rank_zero():
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            return
+        prev(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = prev
 
 
 def prepare_options(args, device, log) -> dict:
@@ -303,8 +406,10 @@ def cmd_generate(args) -> int:
     precheck_inputs(args)
     profile = ProfileOptions.from_args(args)  # validates --profile-dir before any heavy work
     args.identical_on_all_ranks = False
-
+    lock = None
     try:
+        if is_rank_zero():  # rank 0 writes the MP4
+            lock = lock_output(args.output, log)
         t0 = time.perf_counter()
         log(f"Loading {args.model} on {device} ...")
         pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **options)
@@ -315,6 +420,8 @@ def cmd_generate(args) -> int:
         log(f"Loaded in {time.perf_counter() - t0:.1f} s (precision {pipe.precision})")
         return _run(pipe, args, profile)
     finally:
+        if lock is not None:
+            lock.release()
         if options["parallel"] is not None:
             destroy_distributed()
 
@@ -340,6 +447,7 @@ def _run(pipe, args, profile) -> int:
             out, paths = run_profiled(run, profile, output_path=args.output)
         else:
             out, paths = run(None), []
+        args.written_output = out.output_path  # an interrupt from here on finds the MP4 complete
     finally:
         progress.close()
     if is_rank_zero():
@@ -398,16 +506,30 @@ def main(argv=None) -> int:
         print(f"error: {where}{msg}", file=sys.stderr, flush=True)
         return code
 
-    from .pipeline import GenerationInterrupted, PartialOutputError
+    from .pipeline import GenerationInterrupted, PartialOutputError, interrupt_signal
+
+    def interrupted(e, msg):
+        sig = interrupt_signal(e)
+        if is_rank_zero():
+            print(f"\n{msg}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED if sig is None else 128 + sig
 
     try:
-        return args.func(args)
+        log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_rank_zero() else (lambda *a: None)
+        with one_line_warnings(), interrupt_signals(log):
+            if args.func is cmd_generate:
+                args.identical_on_all_ranks = True
+                check_numeric_flags(args)
+            return args.func(args)
     except GenerationInterrupted as e:
-        print(f"\n{e}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("\ninterrupted before the first clip was finished; nothing was written", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return interrupted(e, str(e))
+    except KeyboardInterrupt as e:
+        sig = interrupt_signal(e)
+        what = "interrupted" if sig is None else f"interrupted by {signal.Signals(sig).name}"
+        written = getattr(args, "written_output", None)
+        if written:
+            return interrupted(e, f"{what} after the video was written; {written} is complete")
+        return interrupted(e, f"{what} before the first clip was finished; nothing was written")
     except PartialOutputError as e:
         msg = str(e)
         if _is_oom(e.cause):
