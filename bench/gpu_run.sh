@@ -20,6 +20,8 @@ if [ "${1:-}" != "--one" ] && [ -n "${S2V_CLOCK_LOG:-}" ]; then
 fi
 stage() {
   case "$1" in
+    gpusmoke) python3 bench/gpu_smoke.py ;;
+    vaetile) python3 bench/vae_tiling_error.py ;;
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
          python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_path.py ;;

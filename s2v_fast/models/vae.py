@@ -321,6 +321,9 @@ class WanVAE(nn.Module):
         self.tile_sample_min_width = 256
         self.tile_sample_overlap_height = 64
         self.tile_sample_overlap_width = 64
+        # context decoded (encoded) around each tile and cropped away: the decoder's convolutions
+        # see the neighbours a whole-frame pass would show them instead of zero padding
+        self.tile_sample_halo = 64
 
     # ------------------------------------------------------------------ construction / loading
     @classmethod
@@ -379,12 +382,18 @@ class WanVAE(nn.Module):
     def enable_tiling(self, tile_sample_min_height: Optional[int] = None,
                       tile_sample_min_width: Optional[int] = None,
                       tile_sample_overlap_height: Optional[int] = None,
-                      tile_sample_overlap_width: Optional[int] = None) -> None:
-        """Spatial tiling (pixels; multiples of the spatial factor 8, 0 <= overlap < tile)."""
+                      tile_sample_overlap_width: Optional[int] = None,
+                      tile_sample_halo: Optional[int] = None) -> None:
+        """Spatial tiling (pixels; multiples of the spatial factor 8, 0 <= overlap < tile).
+
+        Each tile is decoded (encoded) with ``tile_sample_halo`` extra pixels of context on every
+        side that is not the frame border, which are cropped before blending; 0 decodes the bare
+        tile (zero padding at its edges). Tiles blend over ``overlap`` with linear ramps."""
         vals = dict(tile_sample_min_height=tile_sample_min_height,
                     tile_sample_min_width=tile_sample_min_width,
                     tile_sample_overlap_height=tile_sample_overlap_height,
-                    tile_sample_overlap_width=tile_sample_overlap_width)
+                    tile_sample_overlap_width=tile_sample_overlap_width,
+                    tile_sample_halo=tile_sample_halo)
         new = {k: (getattr(self, k) if v is None else int(v)) for k, v in vals.items()}
         f = self.spatial_factor
         for k, v in new.items():
@@ -461,16 +470,31 @@ class WanVAE(nn.Module):
         f = self.spatial_factor
         return self._tile_grid(height // f, width // f)
 
+    def _with_halo(self, box: TileBox, h_lat: int, w_lat: int) -> TileBox:
+        """``box`` (latent units) grown by the halo, clipped to the ``h_lat x w_lat`` frame."""
+        m = self.tile_sample_halo // self.spatial_factor
+        return TileBox(max(0, box.y0 - m), min(h_lat, box.y1 + m),
+                       max(0, box.x0 - m), min(w_lat, box.x1 + m))
+
     @torch.no_grad()
     def decode_tile(self, z: torch.Tensor, box: TileBox) -> torch.Tensor:
-        """Unclamped pixels of latent ``box`` (pixel box = ``box.scaled(8)``)."""
-        return self._decode_untiled(z[..., box.y0:box.y1, box.x0:box.x1])
+        """Unclamped pixels of latent ``box`` (pixel box = ``box.scaled(8)``), decoded with the
+        halo around it."""
+        f = self.spatial_factor
+        g = self._with_halo(box, *z.shape[-2:])
+        out = self._decode_untiled(z[..., g.y0:g.y1, g.x0:g.x1])
+        y0, x0 = (box.y0 - g.y0) * f, (box.x0 - g.x0) * f
+        return out[..., y0:y0 + box.height * f, x0:x0 + box.width * f]
 
     @torch.no_grad()
     def encode_tile(self, video: torch.Tensor, box: TileBox) -> torch.Tensor:
-        """Normalised mu of the pixels under latent ``box``."""
-        p = box.scaled(self.spatial_factor)
-        return self._encode_untiled(video[..., p.y0:p.y1, p.x0:p.x1])
+        """Normalised mu of the pixels under latent ``box``, encoded with the halo around it."""
+        f = self.spatial_factor
+        g = self._with_halo(box, video.shape[-2] // f, video.shape[-1] // f)
+        p = g.scaled(f)
+        out = self._encode_untiled(video[..., p.y0:p.y1, p.x0:p.x1])
+        y0, x0 = box.y0 - g.y0, box.x0 - g.x0
+        return out[..., y0:y0 + box.height, x0:x0 + box.width]
 
     def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         f = self.spatial_factor
