@@ -6,6 +6,7 @@ they are testable without a GPU.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -19,6 +20,8 @@ __all__ = [
     "profiler_stage_durations",
     "profiler_flops_by_stage",
     "export_trace_gz",
+    "repair_chrome_trace",
+    "repair_stack_value",
     "export_stack_files",
     "write_workbook",
     "ensure_events",
@@ -321,12 +324,212 @@ def profiler_stage_durations(prof) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- trace repair
+# Kineto writes every string of the trace JSON-escaped except the "Call stack" argument (recorded
+# with ``with_stack`` + the verbose experimental config): torch joins the frames with ";" and puts
+# the raw bytes between two quotes. A frame name with a quote or a backslash breaks the JSON, and
+# Cython frames (``av``, ...) sometimes carry bytes read from freed memory: invalid UTF-8 and
+# control characters. The raw value ends at the quote followed by the next argument
+# (``, "Ev Idx": 12``) or by the end of the args object.
+_STACK_KEY = b'"Call stack": "'
+_STACK_END = re.compile(rb'"(?=, "[A-Za-z][A-Za-z0-9 _.-]{0,63}": |[ \t]*\r?\n[ \t]*\})')
+_STACK_ESCAPE = re.compile(rb'["\\\x00-\x1f]')  # bytes a raw stack may hold that JSON must escape
+_PLAIN_CTRL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # never valid outside whitespace
+_TRACE_NAME = re.compile(rb'"traceName": "(?:[^"\\]|\\.)*"')
+_MAX_STACK_BYTES = 1 << 22  # a stack value this long without its end is left as it is
+
+
+def repair_stack_value(raw: bytes) -> tuple[bytes, bool]:
+    """JSON string body for one raw ``Call stack`` value; ``(body, had invalid UTF-8)``.
+
+    Valid UTF-8 text is kept exactly (``json.loads`` gives the frames back byte for byte);
+    ``"``, ``\\`` and control characters are escaped; invalid UTF-8 sequences become U+FFFD.
+    """
+    try:
+        text, bad = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, bad = raw.decode("utf-8", "replace"), True
+    if not bad and not _STACK_ESCAPE.search(raw):
+        return raw, False
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8"), bad
+
+
+def _repair_plain(b: bytes, st: dict) -> bytes:
+    """Text outside the stack values: already JSON; invalid UTF-8 and raw control bytes fixed."""
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        b = b.decode("utf-8", "replace").encode("utf-8")
+        st["other_repaired"] += 1
+    if _PLAIN_CTRL.search(b):
+        b = _PLAIN_CTRL.sub(lambda m: b"\\u%04x" % m.group()[0], b)
+        st["other_repaired"] += 1
+    return b
+
+
+def repair_chrome_trace(src, dst, *, python_function_stacks: bool = False, trace_name: str | None = None,
+                        chunk_size: int = 8 << 20) -> dict:
+    """Stream a Kineto Chrome trace from binary file ``src`` to ``dst`` as valid UTF-8 JSON.
+
+    Every ``Call stack`` value is re-encoded by :func:`repair_stack_value` (valid ones unchanged in
+    content). ``python_function_stacks=False`` drops the ``Call stack`` argument of
+    ``python_function`` events: with ``with_stack`` each Python call is itself an event, so these
+    events already nest into the stack on the thread's track, and their copies of the stack are
+    most of the trace (about 70% of the bytes). Op events (``cpu_op``, ``user_annotation``) keep
+    theirs. ``trace_name`` replaces the ``traceName`` field (torch puts its temporary file there).
+    Reads ``chunk_size`` bytes at a time; memory stays around a few chunks.
+
+    Returns counts: bytes_in, bytes_out, stacks (values seen), stacks_kept,
+    python_stacks_dropped, stacks_invalid_utf8 (kept, with U+FFFD), stacks_escaped (kept, valid
+    UTF-8 with quotes / backslashes / control characters escaped), other_repaired (pieces outside
+    the stacks that needed a fix; 0 for torch's own output).
+    """
+    st = dict(bytes_in=0, bytes_out=0, stacks=0, stacks_kept=0, python_stacks_dropped=0,
+              stacks_invalid_utf8=0, stacks_escaped=0, other_repaired=0)
+    name_field = None
+    if trace_name is not None:
+        name_field = b'"traceName": ' + json.dumps(trace_name, ensure_ascii=False).encode("utf-8")
+    out: list[bytes] = []
+    pending = 0
+
+    def emit(b: bytes) -> None:
+        nonlocal pending
+        if b:
+            out.append(b)
+            pending += len(b)
+            if pending >= chunk_size:
+                flush()
+
+    def flush() -> None:
+        nonlocal pending
+        if out:
+            data = b"".join(out)
+            dst.write(data)
+            st["bytes_out"] += len(data)
+            out.clear()
+            pending = 0
+
+    def plain(b: bytes) -> None:
+        if not b:
+            return
+        b = _repair_plain(b, st)
+        if name_field is not None and b'"traceName"' in b:
+            b = _TRACE_NAME.sub(lambda m: name_field, b)
+        emit(b)
+
+    buf, pos, eof = b"", 0, False
+    cat = None  # category of the event being read: "cat" comes before "args" in each event
+    klen = len(_STACK_KEY)
+
+    def track(region: bytes) -> None:
+        nonlocal cat
+        p_ph, p_cat = region.rfind(b'"ph": '), region.rfind(b'"cat": "')
+        if p_cat > p_ph:
+            cat = region[p_cat + 8:region.find(b'"', p_cat + 8)]
+        elif p_ph >= 0:
+            cat = None
+
+    def read_more() -> bool:
+        nonlocal buf, pos, eof
+        data = src.read(chunk_size)
+        if not data:
+            eof = True
+            return False
+        st["bytes_in"] += len(data)
+        buf, pos = buf[pos:] + data, 0
+        return True
+
+    read_more()
+    while True:
+        i = buf.find(_STACK_KEY, pos)
+        if i < 0:
+            if eof:
+                plain(buf[pos:])
+                break
+            cut = buf.rfind(b"\n", pos) + 1  # a key never spans a newline; UTF-8 never splits there
+            if cut <= pos and len(buf) - pos > max(2 * chunk_size, _MAX_STACK_BYTES):  # a huge line: cut at ASCII
+                cut = len(buf) - klen
+                while cut > pos and buf[cut] >= 0x80:
+                    cut -= 1
+            if cut > pos:
+                track(buf[pos:cut])
+                plain(buf[pos:cut])
+                pos = cut
+            read_more()
+            continue
+        v0 = i + klen
+        m = _STACK_END.search(buf, v0, v0 + _MAX_STACK_BYTES)
+        if m is None:
+            if not eof and len(buf) - v0 < _MAX_STACK_BYTES + 64:
+                read_more()
+                continue
+            track(buf[pos:i])
+            plain(buf[pos:v0])  # no end in sight: leave this one to the plain repair
+            pos = v0
+            continue
+        region = buf[pos:i]
+        track(region)
+        v1 = m.start()
+        st["stacks"] += 1
+        if cat == b"python_function" and not python_function_stacks:
+            st["python_stacks_dropped"] += 1
+            if buf.startswith(b", ", v1 + 1):  # drop '"Call stack": "...", '
+                plain(region)
+                pos = v1 + 3
+            else:  # the last argument: drop the comma before it
+                region = region.rstrip(b" \t")
+                plain(region[:-1] if region.endswith(b",") else region)
+                pos = v1 + 1
+            continue
+        raw = buf[v0:v1]
+        body, bad = repair_stack_value(raw)
+        st["stacks_kept"] += 1
+        st["stacks_invalid_utf8"] += bad
+        st["stacks_escaped"] += body is not raw and not bad
+        plain(region)
+        emit(_STACK_KEY)
+        emit(body)
+        emit(b'"')
+        pos = v1 + 1
+    flush()
+    return st
+
+
 # ---------------------------------------------------------------------------- files
-def export_trace_gz(prof, path: str) -> str:
-    """Gzipped Chrome trace (opens in Perfetto / chrome://tracing / HTA)."""
+def export_trace_gz(prof, path: str, *, python_function_stacks: bool = False, compresslevel: int = 6,
+                    stats: dict | None = None) -> str:
+    """Gzipped Chrome trace (opens in Perfetto / chrome://tracing / HTA); valid UTF-8 JSON.
+
+    torch writes the raw trace to a temporary file beside ``path``; it is streamed through
+    :func:`repair_chrome_trace` into ``path`` (see there for ``python_function_stacks``) and
+    removed. ``stats``: a dict to receive the repair counts (plus ``gz_bytes``).
+    """
+    import gzip
+    import tempfile
+
     if not path.endswith(".gz"):
         path += ".gz"
-    prof.export_chrome_trace(path)  # torch writes a temp json and gzips it when the name ends in .gz
+    d = os.path.dirname(os.path.abspath(path))
+    fd, raw = tempfile.mkstemp(prefix=".trace_raw_", suffix=".json", dir=d)
+    os.close(fd)
+    part = path + ".part"
+    try:
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, open(part, "wb") as f, \
+                gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=f,
+                              compresslevel=compresslevel, mtime=0) as gz:
+            st = repair_chrome_trace(src, gz, python_function_stacks=python_function_stacks,
+                                     trace_name=os.path.basename(path)[:-3])
+        os.replace(part, path)
+        st["gz_bytes"] = os.path.getsize(path)
+        if stats is not None:
+            stats.update(st)
+    finally:
+        for p in (raw, part):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
     return path
 
 

@@ -281,7 +281,8 @@ class ProfilerSession:
             kwargs = dict(activities=acts, record_shapes=o.record_shapes, profile_memory=o.with_memory,
                           with_stack=o.with_stack, with_flops=o.with_flops)
             if o.with_stack:
-                # stacks for export_stacks / group_by_stack_n need the verbose experimental config
+                # stacks for export_stacks / group_by_stack_n need the verbose experimental config;
+                # it also puts a "Call stack" on every trace event (export_trace_gz trims that)
                 kwargs["experimental_config"] = torch._C._profiler._ExperimentalConfig(verbose=True)
             self.prof = torch.profiler.profile(**kwargs)
             self.prof.start()
@@ -368,7 +369,9 @@ class ProfilerSession:
 
         o, prof, d = self.options, self.prof, self.options.profile_dir
         texts = []
-        self.paths.append(_ex.export_trace_gz(prof, os.path.join(d, f"trace_rank{r}.json.gz")))
+        self.trace_stats = {}
+        self.paths.append(_ex.export_trace_gz(prof, os.path.join(d, f"trace_rank{r}.json.gz"),
+                                              stats=self.trace_stats))
         self.dropped_events = _ex.ensure_events(prof)
 
         user = range_names()
@@ -407,6 +410,7 @@ class ProfilerSession:
             ("wall_s", round(self.wall_s, 6)), ("options", str(asdict(o))),
             ("kernels_source", ktab["source"].iloc[0]),
             ("dropped_events", self.dropped_events),
+            ("trace", _trace_note(self.trace_stats)),
             ("note", "profiler with_flops counts matmul/conv only; attention FLOPs come from analytic counts"),
         ], columns=["key", "value"]).astype({"value": str})
 
@@ -448,6 +452,17 @@ def _world_size() -> int:
     except Exception:  # pragma: no cover
         pass
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _trace_note(st: dict) -> str:
+    """One line on what the trace export did (sizes, stacks kept / repaired / dropped)."""
+    if not st:
+        return ""
+    mb = 1e6
+    return (f"raw {st['bytes_in'] / mb:.1f} MB -> json {st['bytes_out'] / mb:.1f} MB, gz {st['gz_bytes'] / mb:.1f} MB; "
+            f"call stacks kept {st['stacks_kept']} ({st['stacks_invalid_utf8']} with invalid UTF-8 repaired, "
+            f"{st['stacks_escaped']} escaped), python_function stacks dropped {st['python_stacks_dropped']} "
+            f"(their events nest into the same stack)")
 
 
 def _kernel_summary(ktab) -> str:
