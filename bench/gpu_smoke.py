@@ -11,8 +11,9 @@ bf16 weights. Each row runs one step and compares it with the row it should agre
   on a side stream) against ``fast``;
 * the full-size VAE (random weights) at 448x832 on smooth unit-variance latents: tiled and sliced
   decode against the plain decode;
-* the whole CLI on the tiny model on CUDA (``s2v-fast generate --model tiny --device cuda``),
-  which must write a playable MP4.
+* the pipeline's clip loop on the tiny model on CUDA (2 clips), and the whole CLI
+  (``s2v-fast generate --model tiny --device cuda``), which must write a playable MP4 (skipped,
+  and said so, where PyAV or librosa is not installed: the lent GPU machines have neither).
 
 Any exception or bound missed is a failure: the row is marked, the table says why and the script
 exits 1. Bounds (relative L2 / cosine over the output, fp32):
@@ -26,7 +27,7 @@ exits 1. Bounds (relative L2 / cosine over the output, fp32):
   the block-to-block fusions off where a block's weights arrive by pre-hook, so bf16 rounding
   order differs: 1e-2 / 0.9999.
 * VAE tiled vs plain: see ``VAE_TILED_BOUND``; sliced vs batch-2 plain: 1e-5 (the same convs on
-  one sample at a time; cuDNN may pick another algorithm for batch 1).
+  one sample at a time in fp32 with TF32 off; cuDNN may pick another algorithm for batch 1).
 
     python bench/gpu_smoke.py                 # on the GPU (~2-3 min)
     python bench/gpu_smoke.py --smoke         # CPU plumbing check on the tiny config
@@ -56,9 +57,10 @@ from results_io import write_results  # noqa: E402
 from s2v_fast.config import DiTConfig  # noqa: E402
 from s2v_fast.kernels import attention as attn  # noqa: E402
 
-# tiled vs plain VAE decode on smooth latents, max-abs over pixels in [-1, 1] and PSNR (dB);
-# justified in bench/NOTES.md section 17 (receptive field vs tile halo)
-VAE_TILED_BOUND = dict(max_abs=0.25, psnr_db=35.0)
+# tiled vs plain VAE decode on smooth latents (fp32, TF32 off), max-abs over pixels in [-1, 1]
+# and PSNR (dB). The stem runs on whole frames and each tile's tail has a 64 px halo: what is left
+# is the tail's receptive field past the halo (bench/NOTES.md section 17, vae_tiling_error-*).
+VAE_TILED_BOUND = dict(max_abs=2e-2, psnr_db=60.0)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -200,7 +202,8 @@ class Smoke:
         from bench_vae import random_vae
         from s2v_fast.testing.latents import smooth_latents
 
-        h, w, n, dim = (64, 64, 2, 8) if self.args.smoke else (448, 832, 3, 96)
+        h, w, n, dim = (64, 128, 2, 8) if self.args.smoke else (448, 832, 3, 96)
+        torch.backends.cudnn.allow_tf32 = False  # the rows check tiling and slicing, not TF32
         vae = random_vae(self.dev, dim=dim)
         z = smooth_latents((2, 16, n, h // 8, w // 8), seed=3, device=self.dev)
         plain = {}
@@ -213,7 +216,7 @@ class Smoke:
 
         def tiled():
             tile = 32 if self.args.smoke else 256
-            vae.enable_tiling(tile, tile, tile // 4, tile // 4)
+            vae.enable_tiling(tile, tile, tile // 4, tile // 4)  # the default 64 px halo
             try:
                 out = vae.decode(z[:1], clamp=False)
             finally:
@@ -238,10 +241,36 @@ class Smoke:
         self.run("vae_tiled_vs_plain", tiled)
         self.run("vae_sliced_vs_plain", sliced)
 
-    # ----------------------------------------------------------------------- CLI, tiny model
+    # ----------------------------------------------------------------------- tiny model
+    def pipeline_row(self) -> None:
+        def pipeline():
+            from s2v_fast.models.tiny import ensure_tiny_checkpoint
+            from s2v_fast.pipeline import S2VPipeline
+
+            with tempfile.TemporaryDirectory() as d:
+                pipe = S2VPipeline.from_pretrained(ensure_tiny_checkpoint(os.path.join(d, "tiny")),
+                                                   device=self.dev)
+                c = pipe.dit_module.config
+                g = torch.Generator().manual_seed(0)
+                clips = list(pipe.run_clips(
+                    num_clips=2, num_frames=8, num_inference_steps=2,
+                    context=torch.randn(7, c.text_dim, generator=g),
+                    context_null=torch.randn(11, c.text_dim, generator=g),
+                    audio_emb=torch.randn(1, 25, c.audio_dim, 16, generator=g).to(pipe.dtype),
+                    ref_pixels=torch.rand(1, 3, 1, 64, 64, generator=g) * 2 - 1))
+            ok = len(clips) == 2 and all(torch.isfinite(x.video.float()).all() for x in clips)
+            return dict(ok=bool(ok), precision=pipe.precision, bound="2 clips, finite video")
+
+        self.run("pipeline_tiny_run_clips", pipeline)
+
     def cli_row(self) -> None:
         def cli():
-            import av
+            try:
+                import av
+                import librosa  # noqa: F401  (audio decoding)
+            except ImportError as e:  # the lent GPU machines have no PyAV / librosa
+                return dict(ok=True, skipped=f"{e.name} is not installed here",
+                            bound="skipped: the CLI needs PyAV and librosa")
 
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             with tempfile.TemporaryDirectory() as d:
@@ -264,7 +293,7 @@ def _line(r: dict) -> str:
     keys = ("rel_l2", "cosine", "max_abs", "psnr_db")
     nums = "  ".join(f"{k} {r[k]:.4g}" for k in keys if isinstance(r.get(k), float))
     state = "ok  " if r.get("ok") else "FAIL"
-    extra = r.get("error") or r.get("bound", "")
+    extra = r.get("error") or r.get("skipped") or r.get("bound", "")
     return f"{state} {r['name']:<28} {nums:<52} {r.get('wall_s', 0):>6.1f}s  {extra}"
 
 
@@ -284,6 +313,7 @@ def main(argv=None) -> int:
     if "vae" in args.only:
         s.vae_rows()
     if "cli" in args.only:
+        s.pipeline_row()
         s.cli_row()
     failed = [r["name"] for r in s.rows if not r.get("ok")]
     print(f"\n{len(s.rows) - len(failed)} passed, {len(failed)} failed "

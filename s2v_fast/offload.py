@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -274,6 +275,11 @@ class _HostPack:
             off += (nb + _ALIGN - 1) // _ALIGN * _ALIGN
         self.nbytes = max(off, _ALIGN)
         self.host, self._registered = _alloc_host(self.nbytes, pin)
+        # A registered buffer must be unregistered before its memory goes back to the OS: a later
+        # allocation at the same address then fails to pin ("resource already mapped"). So the
+        # buffer's last reference is held by a finalizer that unregisters it, run by free() or
+        # when the pack is collected (a pipeline or offloader dropped without free()).
+        self._unlock = weakref.finalize(self, _unregister, self.host) if self._registered else None
         for t, view in zip(tensors, self.views(self.host)):
             view.copy_(t.detach())
 
@@ -288,14 +294,20 @@ class _HostPack:
 
     def free(self) -> None:
         """Unlock (after a device sync: no copy may still read it) and drop the host buffer."""
-        if self._registered:
-            torch.cuda.synchronize()
-            try:
-                torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
-            except Exception:  # pragma: no cover - best effort
-                pass
-            self._registered = False
+        if self._unlock is not None:
+            self._unlock()
+            self._unlock = None
+        self._registered = False
         self.host = None
+
+
+def _unregister(buf: torch.Tensor) -> None:
+    """Undo ``cudaHostRegister`` on ``buf`` once no copy may still read it."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:  # pragma: no cover - best effort (interpreter shutdown)
+        pass
 
 
 USE_HOST_REGISTER = True  # page-lock with cudaHostRegister (exact size) instead of pin_memory

@@ -399,3 +399,25 @@ def test_gpu_model_offloader_pinned_roundtrip():
     assert model.device.type == "cpu"
     torch.testing.assert_close(out.cpu(), ref, rtol=2e-2, atol=2e-2)  # TF32 convs on GPU
     assert "peak GPU memory" in peak_memory_summary()
+
+
+@pytest.mark.gpu
+def test_gpu_dropped_registered_packs_unlock_their_memory():
+    """A page-locked pack dropped without free() (an offloaded pipeline let go) unregisters its
+    buffer before the memory is returned: the next pack of that size, often at the same address,
+    pins without "resource already mapped" (the error the GPU smoke stage hit when layerwise
+    offload followed model offload in one process)."""
+    from s2v_fast.offload import _HostPack, _REGISTER_MIN
+
+    src = [torch.randn(_REGISTER_MIN // 4 + 1024, device="cuda")]  # fp32: just over the minimum
+    for _ in range(3):
+        pack = _HostPack(src, pin=True)
+        assert pack.pinned and pack._registered
+        del pack  # no free(): the finalizer unlocks
+        torch.cuda.synchronize()
+    pack = _HostPack(src, pin=True)
+    assert torch.equal(pack.views(pack.host)[0], src[0].cpu())
+    pack.free()
+    assert pack.host is None and not pack._registered
+    torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)  # the pinned allocator still works
+    torch.cuda.synchronize()

@@ -231,9 +231,17 @@ class Decoder3d(nn.Module):
                                   CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return self.tail(self.stem(x, cache), cache)
+
+    def stem(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """conv1 and the middle block (with the per-frame attention), at latent resolution."""
         x = self.conv1(x, cache)
         for layer in self.middle:
             x = layer(x, cache)
+        return x
+
+    def tail(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """Upsampling stages and head: local (convolutions only), so they can run on tiles."""
         for layer in self.upsamples:
             x = layer(x, cache)
         x = F.silu(self.head[0](x), inplace=True)
@@ -477,12 +485,41 @@ class WanVAE(nn.Module):
                        max(0, box.x0 - m), min(w_lat, box.x1 + m))
 
     @torch.no_grad()
-    def decode_tile(self, z: torch.Tensor, box: TileBox) -> torch.Tensor:
-        """Unclamped pixels of latent ``box`` (pixel box = ``box.scaled(8)``), decoded with the
-        halo around it."""
+    def decode_stem(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's stem (``Decoder3d.stem``) over whole latent frames: what tiles share.
+
+        Its middle block attends over every position of a frame, which no tile can reproduce, and
+        it runs at latent resolution (a few % of the decode's time and memory), so tiled decoding
+        runs it once on the whole frame and tiles only the upsampling tail."""
+        mean, inv_std = self._scale(z)
+        x = self.conv2(z / inv_std + mean)
+        cache = CausalCache()
+        return torch.cat([self.decoder.stem(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], 2)
+
+    def _decode_tail(self, mid: torch.Tensor) -> torch.Tensor:
+        """Chunked causal pass of ``Decoder3d.tail`` over stem features [B, C, n, h, w]."""
+        cache, n, tf = CausalCache(), mid.shape[2], self.temporal_factor
+        first = self.decoder.tail(mid[:, :, :1], cache)
+        if n == 1:
+            return first
+        out = first.new_empty(*first.shape[:2], 1 + tf * (n - 1), *first.shape[3:])
+        out[:, :, :1] = first
+        del first
+        for i in range(1, n):
+            out[:, :, 1 + tf * (i - 1):1 + tf * i] = self.decoder.tail(mid[:, :, i:i + 1], cache)
+        return out
+
+    @torch.no_grad()
+    def decode_tile(self, z: torch.Tensor, box: TileBox,
+                    stem: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unclamped pixels of latent ``box`` (pixel box = ``box.scaled(8)``): the upsampling
+        tail over the box and its halo of the whole-frame stem features (``decode_stem(z)``,
+        computed here when not given), cropped to the box."""
         f = self.spatial_factor
+        if stem is None:
+            stem = self.decode_stem(z)
         g = self._with_halo(box, *z.shape[-2:])
-        out = self._decode_untiled(z[..., g.y0:g.y1, g.x0:g.x1])
+        out = self._decode_tail(stem[..., g.y0:g.y1, g.x0:g.x1])
         y0, x0 = (box.y0 - g.y0) * f, (box.x0 - g.x0) * f
         return out[..., y0:y0 + box.height * f, x0:x0 + box.width * f]
 
@@ -500,7 +537,10 @@ class WanVAE(nn.Module):
         f = self.spatial_factor
         h, w = z.shape[-2:]
         boxes = self.decode_tile_boxes(h, w)
-        return tiled_apply(lambda b: self.decode_tile(z, b), boxes, h * f, w * f, (f, 1),
+        if len(boxes) == 1:
+            return self._decode_untiled(z)
+        stem = self.decode_stem(z)
+        return tiled_apply(lambda b: self.decode_tile(z, b, stem), boxes, h * f, w * f, (f, 1),
                            self.tile_sample_overlap_height, self.tile_sample_overlap_width)
 
     def tiled_encode(self, video: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ class VAEPatchParallel:
                 out = vae.decode(z, clamp=False)
             else:
                 shape = (B, 3, 1 + tf * (n - 1), h * f, w * f)
-                out = self._run(lambda b: vae.decode_tile(z, b), boxes, shape, f,
+                stem = vae.decode_stem(z)  # whole frames, latent resolution: every rank
+                out = self._run(lambda b: vae.decode_tile(z, b, stem), boxes, shape, f,
                                 vae.tile_sample_overlap_height, vae.tile_sample_overlap_width,
                                 p.device).to(p.dtype)
         return out.clamp_(-1, 1) if clamp else out
