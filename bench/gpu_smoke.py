@@ -199,11 +199,18 @@ class Smoke:
 
     # ----------------------------------------------------------------------- VAE
     def vae_rows(self) -> None:
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # the rows check tiling and slicing, not TF32
+        try:
+            self._vae_rows()
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def _vae_rows(self) -> None:
         from bench_vae import random_vae
         from s2v_fast.testing.latents import smooth_latents
 
         h, w, n, dim = (64, 128, 2, 8) if self.args.smoke else (448, 832, 3, 96)
-        torch.backends.cudnn.allow_tf32 = False  # the rows check tiling and slicing, not TF32
         vae = random_vae(self.dev, dim=dim)
         z = smooth_latents((2, 16, n, h // 8, w // 8), seed=3, device=self.dev)
         plain = {}

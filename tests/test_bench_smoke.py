@@ -1,0 +1,26 @@
+"""The GPU regression stage's CPU form (bench/gpu_smoke.py --smoke) so the stage cannot rot.
+
+Runs the VAE rows (plain / tiled / sliced on smooth latents) and the tiny-model rows (clip loop,
+CLI to a playable MP4) in-process; the DiT rows' code paths are the fast path and fp8 tests
+(tests/test_fast_path.py, test_fp8.py, test_bench_fp8_recorder.py), which are too slow under the
+Triton interpreter to repeat here. A FAIL row makes main() return 1.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import gpu_smoke  # noqa: E402
+
+
+def test_gpu_smoke_cpu_form(capsys):
+    assert gpu_smoke.main(["--smoke", "--only", "vae", "cli"]) == 0
+    out = capsys.readouterr().out
+    for row in ("vae_tiled_vs_plain", "vae_sliced_vs_plain", "pipeline_tiny_run_clips", "cli_tiny_generate"):
+        assert f"ok   {row}" in out, out
+
+
+def test_gpu_smoke_marks_a_missed_bound():
+    r = gpu_smoke.check(dict(rel_l2=0.5, cosine=0.9, finite=True), 1e-2, 0.9999)
+    assert r["ok"] is False and "rel_l2 <= 0.01" in r["bound"]
+    assert gpu_smoke.check(dict(rel_l2=1e-3, cosine=1.0, finite=False), 1e-2, 0.9)["ok"] is False
