@@ -35,6 +35,7 @@ stage() {
     offload) python3 bench/bench_offload.py ;;
     offload704) python3 bench/bench_offload.py --height 704 --width 1280 --iters 2 --topic offload704 ;;
     profile) python3 bench/profile_dit.py --profile-dir "$OUT/profile" ;;
+    profilestack) python3 bench/profile_dit.py --profile-dir "$OUT/profile_stack" --with-stack ;;
     profilefp8) python3 bench/profile_dit.py --profile-dir "$OUT/profile_fp8" --quantization fp8 ;;
     gpuquant) python3 -m pytest -q -p no:cacheprovider -rs tests/test_fp8.py -k "gpu" ;;
     fp8) python3 bench/bench_fp8.py ;;

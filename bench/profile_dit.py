@@ -37,6 +37,9 @@ def main(argv=None):
     ap.add_argument("--preset", default="wan2.2-s2v-14b")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8"],
                     help="fp8: FP8 linears, and FP8 self-attention unless --attention-backend is named")
+    ap.add_argument("--with-stack", action="store_true",
+                    help="record Python call stacks (as --profile-with-stack); the trace's size "
+                         "and a strict json.load of it are printed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
@@ -57,13 +60,23 @@ def main(argv=None):
 
     tc = s2v_token_counts(H, W)
     flops = 2 * dit_forward_flops(model.config, tokens=tc["total"], video_tokens=tc["video"]).total
-    opts = ProfileOptions(profile_dir=args.profile_dir, with_flops=True)
+    opts = ProfileOptions(profile_dir=args.profile_dir, with_flops=True, with_stack=args.with_stack)
     with ProfilerSession(opts, output_path=os.path.join(args.profile_dir, "step")) as prof:
         with prof.stage_timer.stage("denoise"):
             model.forward_step(x, t, cond)
         prof.stage_timer.add_flops("denoise", flops)
     for p in prof.paths:
         print("wrote", p)
+    import gzip
+    import json
+
+    for p in prof.paths:
+        if p.endswith(".json.gz"):
+            with gzip.open(p, "rb") as f:
+                raw = f.read()
+            events = len(json.loads(raw.decode("utf-8"))["traceEvents"])  # strict UTF-8 JSON
+            print(f"trace {p}: {os.path.getsize(p) / 1e6:.1f} MB gz, {len(raw) / 1e6:.1f} MB JSON, "
+                  f"{events} events, valid UTF-8 JSON")
 
     import pandas as pd
 
