@@ -158,7 +158,6 @@ class Smoke:
                 return check(compare(self.step(base), ref["fast"]), 2e-2, 0.9998)
 
         self.run("dit_attention_fp8", fp8_attention)
-        del base
 
         def quantized():
             from s2v_fast.quantization import quantize_dit

@@ -13,9 +13,7 @@
 Only three runs load the tiny model (about a minute together on 2 CPU cores); every other case
 fails before loading and takes the interpreter's start-up time (run two at a time).
 """
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +21,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from s2v_fast import cli
