@@ -14,6 +14,9 @@ Execution mirrors the reference's chunked causal pass (spec 7.3):
 * ``upsample3d.time_conv`` is skipped on the first chunk and then behaves as a causal conv with
   zero history (equivalently: frame 0 bypasses the temporal upsample).
 
+``stream_decoder()`` (:mod:`s2v_fast.models.vae_stream`) keeps the decode's caches across calls
+for block-by-block decoding.
+
 Everything runs in the model dtype (fp32 in the reference; autocast is switched off inside
 ``encode``/``decode``). TF32 for the convolutions follows the global torch flags
 (``torch.backends.cudnn.allow_tf32``), which the pipeline owns.
@@ -21,7 +24,7 @@ Everything runs in the model dtype (fp32 in the reference; autocast is switched 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,8 +33,11 @@ import torch.nn.functional as F
 from s2v_fast.errors import CheckpointError, InputError
 from s2v_fast.models.vae_tiling import TileBox, tile_boxes, tiled_apply
 
-__all__ = ["WanVAE", "CausalCache", "CausalConv3d", "vae_config_from_state_dict",
-           "LATENT_MEAN", "LATENT_STD"]
+if TYPE_CHECKING:
+    from s2v_fast.models.vae_stream import StreamingDecoder
+
+__all__ = ["WanVAE", "CausalCache", "CausalConv3d", "per_latent_frame",
+           "vae_config_from_state_dict", "LATENT_MEAN", "LATENT_STD"]
 
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -52,6 +58,28 @@ class CausalCache:
 
     def set(self, module: nn.Module, value) -> None:
         self._state[id(module)] = value
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tensors: constant once every module has run (fixed-size history)."""
+        return sum(v.nbytes for v in self._state.values() if isinstance(v, torch.Tensor))
+
+
+def per_latent_frame(fn, x: torch.Tensor, cache: CausalCache, tf: int) -> torch.Tensor:
+    """``fn(x[:, :, i:i+1], cache)`` for every latent frame ``i``, concatenated along time.
+
+    The first frame of a fresh cache yields 1 output frame, every other frame ``tf``; the output
+    is written in place into one tensor (no list + cat copy of the whole clip)."""
+    first = fn(x[:, :, :1], cache)
+    n = x.shape[2]
+    if n == 1:
+        return first
+    t0 = first.shape[2]
+    out = first.new_empty(*first.shape[:2], t0 + tf * (n - 1), *first.shape[3:])
+    out[:, :, :t0] = first
+    del first
+    for i in range(1, n):
+        out[:, :, t0 + tf * (i - 1):t0 + tf * i] = fn(x[:, :, i:i + 1], cache)
+    return out
 
 
 class CausalConv3d(nn.Conv3d):
@@ -419,6 +447,12 @@ class WanVAE(nn.Module):
     def disable_tiling(self) -> None:
         self.use_tiling = False
 
+    def stream_decoder(self, clamp: bool = True) -> "StreamingDecoder":
+        """A block-by-block decoder whose outputs, concatenated, equal ``decode`` of the whole
+        latent sequence (see :mod:`s2v_fast.models.vae_stream`)."""
+        from s2v_fast.models.vae_stream import StreamingDecoder
+        return StreamingDecoder(self, clamp=clamp)
+
     # ------------------------------------------------------------------ latent normalisation
     def _scale(self, ref: torch.Tensor):
         shape = (1, self.z_dim, 1, 1, 1)
@@ -445,22 +479,15 @@ class WanVAE(nn.Module):
         mean, inv_std = self._scale(mu)
         return (mu - mean) * inv_std
 
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised z -> the decoder's input: un-normalise, then ``conv2`` (1x1x1)."""
+        mean, inv_std = self._scale(z)
+        return self.conv2(z / inv_std + mean)
+
     def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
         """Chunked causal decode of normalised z [B,16,n,h,w] -> [B,3,1+4(n-1),8h,8w] unclamped."""
-        mean, inv_std = self._scale(z)
-        x = self.conv2(z / inv_std + mean)
-        cache = CausalCache()
-        first = self.decoder(x[:, :, :1], cache)  # chunk 0 -> 1 frame, later chunks -> tf frames
-        n, tf = x.shape[2], self.temporal_factor
-        if n == 1:
-            return first
-        out = first.new_empty(first.shape[0], first.shape[1], 1 + tf * (n - 1),
-                              *first.shape[3:])
-        out[:, :, :1] = first
-        del first
-        for i in range(1, n):  # written in place: no list + cat copy of the whole clip
-            out[:, :, 1 + tf * (i - 1):1 + tf * i] = self.decoder(x[:, :, i:i + 1], cache)
-        return out
+        return per_latent_frame(self.decoder, self._decoder_input(z), CausalCache(),
+                                self.temporal_factor)
 
     # ------------------------------------------------------------------ tiles (patch-parallel API)
     def _tile_grid(self, h_lat: int, w_lat: int) -> List[TileBox]:
@@ -485,41 +512,30 @@ class WanVAE(nn.Module):
                        max(0, box.x0 - m), min(w_lat, box.x1 + m))
 
     @torch.no_grad()
-    def decode_stem(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_stem(self, z: torch.Tensor, cache: Optional[CausalCache] = None) -> torch.Tensor:
         """The decoder's stem (``Decoder3d.stem``) over whole latent frames: what tiles share.
 
         Its middle block attends over every position of a frame, which no tile can reproduce, and
         it runs at latent resolution (a few % of the decode's time and memory), so tiled decoding
-        runs it once on the whole frame and tiles only the upsampling tail."""
-        mean, inv_std = self._scale(z)
-        x = self.conv2(z / inv_std + mean)
-        cache = CausalCache()
+        runs it once on the whole frame and tiles only the upsampling tail. ``cache`` carries a
+        stream's history across calls (a fresh one when not given)."""
+        x = self._decoder_input(z)
+        cache = CausalCache() if cache is None else cache
         return torch.cat([self.decoder.stem(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], 2)
 
-    def _decode_tail(self, mid: torch.Tensor) -> torch.Tensor:
-        """Chunked causal pass of ``Decoder3d.tail`` over stem features [B, C, n, h, w]."""
-        cache, n, tf = CausalCache(), mid.shape[2], self.temporal_factor
-        first = self.decoder.tail(mid[:, :, :1], cache)
-        if n == 1:
-            return first
-        out = first.new_empty(*first.shape[:2], 1 + tf * (n - 1), *first.shape[3:])
-        out[:, :, :1] = first
-        del first
-        for i in range(1, n):
-            out[:, :, 1 + tf * (i - 1):1 + tf * i] = self.decoder.tail(mid[:, :, i:i + 1], cache)
-        return out
-
     @torch.no_grad()
-    def decode_tile(self, z: torch.Tensor, box: TileBox,
-                    stem: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_tile(self, z: torch.Tensor, box: TileBox, stem: Optional[torch.Tensor] = None,
+                    cache: Optional[CausalCache] = None) -> torch.Tensor:
         """Unclamped pixels of latent ``box`` (pixel box = ``box.scaled(8)``): the upsampling
         tail over the box and its halo of the whole-frame stem features (``decode_stem(z)``,
-        computed here when not given), cropped to the box."""
+        computed here when not given), cropped to the box. ``cache``: this tile's history in a
+        stream (a fresh one when not given)."""
         f = self.spatial_factor
         if stem is None:
             stem = self.decode_stem(z)
         g = self._with_halo(box, *z.shape[-2:])
-        out = self._decode_tail(stem[..., g.y0:g.y1, g.x0:g.x1])
+        out = per_latent_frame(self.decoder.tail, stem[..., g.y0:g.y1, g.x0:g.x1],
+                               CausalCache() if cache is None else cache, self.temporal_factor)
         y0, x0 = (box.y0 - g.y0) * f, (box.x0 - g.x0) * f
         return out[..., y0:y0 + box.height * f, x0:x0 + box.width * f]
 
