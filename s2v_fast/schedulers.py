@@ -273,3 +273,36 @@ def make_scheduler(name: str, num_train_timesteps: int = 1000, shift: float = 1.
     if key == "unipc":
         return FlowUniPCScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     return FlowDPMScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+
+
+# ----------------------------------------------------------------------------- few-step Euler
+class FlowEulerSchedule:
+    """diffusers ``FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)`` after
+    ``set_timesteps(n)``, as LiveAvatar's streaming mode uses it (spec liveavatar.md §3).
+
+    The training sigmas are already shifted, so ``sigma_min`` = shift(1/T) and the inference
+    sigmas are shifted again: for 4 steps and shift 3 the timesteps are
+    [1000, 857.69, 602.15, 8.93] (not [1000, 750, 500, 250]). ``step`` is the plain Euler flow
+    update ``x + (sigma_{i+1} - sigma_i) * v``: the product in v's dtype (the step size is a 0-dim
+    fp32 tensor), the sum in fp32, the result cast to v's dtype, as in diffusers."""
+
+    def __init__(self, num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000):
+        if num_steps < 1:
+            raise InputError(f"the number of sampling steps must be >= 1, got {num_steps}")
+        T = int(num_train_timesteps)
+        train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        train = _shift_sigmas(train, shift)
+        sigma_max, sigma_min = train[0].item(), train[-1].item()
+        ts = np.linspace(sigma_max * T, sigma_min * T, num_steps)
+        sig = _shift_sigmas(ts / T, shift)
+        sig = torch.from_numpy(sig).to(torch.float32)
+        self.timesteps = sig * T  # float32
+        self.sigmas = torch.cat([sig, torch.zeros(1)])  # float32, final 0 appended
+        self.num_steps = num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def step(self, v: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
+        dt = (self.sigmas[i + 1] - self.sigmas[i]).to(v.device)
+        return (sample.float() + dt * v).to(v.dtype)

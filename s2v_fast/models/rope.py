@@ -14,7 +14,7 @@ The per-token table (cos, sin [L, c]) depends only on the sequence layout, so it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,16 +107,23 @@ _CACHE_MAX = 16
 
 
 def build_rope_table(segments: Sequence[Segment], head_dim: int, device=None,
-                     dtype: torch.dtype = torch.float64) -> RopeTable:
-    """Cached per-token (cos, sin) for a sequence made of `segments`."""
-    key = (tuple(segments), head_dim, str(torch.device(device or "cpu")), dtype)
+                     dtype: torch.dtype = torch.float64,
+                     round_to: Optional[torch.dtype] = None) -> RopeTable:
+    """Cached per-token (cos, sin) for a sequence made of `segments`.
+
+    ``round_to``: round cos and sin to this dtype first (LiveAvatar's ``rope_precompute`` stores
+    its table as complex32, i.e. fp16 cos/sin, and multiplies in complex128)."""
+    key = (tuple(segments), head_dim, str(torch.device(device or "cpu")), dtype, round_to)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
     pos = sequence_positions(segments)
     ang = rope_angles(pos, head_dim)
-    table = RopeTable(pos=pos, cos=torch.cos(ang).to(device=device, dtype=dtype),
-                      sin=torch.sin(ang).to(device=device, dtype=dtype))
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    if round_to is not None:
+        cos, sin = cos.to(round_to), sin.to(round_to)
+    table = RopeTable(pos=pos, cos=cos.to(device=device, dtype=dtype),
+                      sin=sin.to(device=device, dtype=dtype))
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = table
