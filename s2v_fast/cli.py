@@ -30,6 +30,15 @@ DEFAULT_PROMPT = "A person speaking naturally"
 DEFAULT_MAX_AREA = "480*832"
 DEFAULT_OUTPUT = "s2v_output.mp4"
 TINY_MAX_AREA = "128*128"  # --model tiny without --max-area: small frames so a CPU run is quick
+LIVEAVATAR_LORA = "Quark-Vision/Live-Avatar:0.5"  # --mode liveavatar's default --lora
+
+# Per-mode defaults of the flags whose default depends on --mode (None in the parser).
+MODE_DEFAULTS = {
+    "faithful": dict(num_frames=80, fps=16, num_inference_steps=40, guidance_scale=4.5,
+                     sample_solver="unipc", max_area=DEFAULT_MAX_AREA),
+    "liveavatar": dict(num_frames=48, fps=25, num_inference_steps=4, guidance_scale=0.0,
+                       sample_solver="euler", max_area="704*384"),
+}
 
 TINY_NOTE = ("note: --model tiny uses small random weights: the video is noise. It exists to try "
              "the pipeline end to end (inputs, clip loop, MP4 output) without downloading 14B weights.")
@@ -94,6 +103,15 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
     g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
                    help="attention kernels; auto times the available ones per shape on CUDA "
                         "(default: $S2V_ATTENTION_BACKEND or auto)")
+    g.add_argument("--mode", choices=list(MODE_DEFAULTS), default="faithful",
+                   help="faithful: Wan2.2-S2V's 40-step CFG sampler over 80-frame clips; "
+                        "liveavatar: LiveAvatar's 4-step streaming mode (block-causal attention "
+                        "over KV caches, no CFG, 25 fps, 48-frame clips in blocks of 12 frames, "
+                        "video written block by block) (default: faithful)")
+    g.add_argument("--lora", action="append", default=None, metavar="PATH_OR_HF_ID[:SCALE]",
+                   help="merge a LoRA (.safetensors: PEFT, Wan/lightx2v or kohya keys) into the "
+                        "DiT before quantisation; repeatable; 'none' for no LoRA (default: none; "
+                        f"{LIVEAVATAR_LORA} with --mode liveavatar and a real model)")
 
     g = p.add_argument_group("inputs")
     g.add_argument("--image", required=True, help="reference image (PNG/JPEG)")
@@ -111,21 +129,32 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
     g.add_argument("--max-area", type=parse_max_area, default=None,
                    help=f"largest H*W when the size follows the image, e.g. 480*832 or 720*1280 "
                         f"(default: {DEFAULT_MAX_AREA}; {TINY_MAX_AREA} with --model tiny)")
-    g.add_argument("--num-frames", type=int, default=80, help="frames per clip, a multiple of 4 (default: 80)")
+    g.add_argument("--num-frames", type=int, default=None,
+                   help="frames per clip, a multiple of 4 (default: 80; liveavatar: 48, a "
+                        "multiple of 12)")
     g.add_argument("--num-clips", type=int, default=None,
                    help="at most this many clips (default: as many as the audio needs, about one per 5 s)")
-    g.add_argument("--fps", type=int, default=16, help="output frame rate (default: 16, the model's rate)")
+    g.add_argument("--fps", type=int, default=None,
+                   help="output frame rate (default: the mode's rate, 16; liveavatar: 25)")
     g.add_argument("--no-trim-to-audio", dest="trim_to_audio", action="store_false",
                    help="keep every generated frame instead of cutting the video at the end of the audio")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-inference-steps", type=int, default=40, help="denoising steps per clip (default: 40)")
-    g.add_argument("--guidance-scale", type=float, default=4.5,
+    g.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps per clip (default: 40; liveavatar: 4, the distilled "
+                        "LoRA's schedule)")
+    g.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance over text+audio, >= 0; any value <= 1 disables it "
-                        "(one conditional pass per step) (default: 4.5)")
+                        "(one conditional pass per step) (default: 4.5; liveavatar: none)")
     g.add_argument("--flow-shift", type=float, default=3.0,
                    help="flow-matching schedule shift, > 0 (default: 3.0)")
-    g.add_argument("--sample-solver", choices=["unipc", "dpm++"], default="unipc", help="sampler (default: unipc)")
+    g.add_argument("--sample-solver", choices=["unipc", "dpm++", "euler"], default=None,
+                   help="sampler (default: unipc; liveavatar: euler, its only sampler)")
+    g.add_argument("--sink", choices=["realtime", "offline"], default="realtime",
+                   help="liveavatar only: realtime = upstream's real-time path (reference latent "
+                        "from a 1-frame encode, replaced by the first generated latent from clip 2 "
+                        "on); offline = upstream's single-GPU path (second latent of a 5-frame "
+                        "encode, never replaced) (default: realtime)")
     g.add_argument("--seed", type=int, default=42,
                    help="random seed, 0 to 2**63-1; -1 picks a random one (printed) (default: 42)")
 
@@ -225,6 +254,39 @@ class ProgressDisplay:
     on_end = lambda self, out: self.close()  # noqa: E731
 
 
+class StreamingProgress:
+    """A tqdm bar over the blocks of the streaming mode, with frames/s and time to first frame."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled and is_rank_zero()
+        self.stream = stream or sys.stderr
+        self.bar = None
+
+    def on_start(self, info):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        print(f"Streaming {info['num_clips']} clip(s) ({info['num_blocks']} blocks) at "
+              f"{info['width']}x{info['height']} (W x H), {info['steps']} steps per block, "
+              f"{info['fps']} fps, seed {info['seed']}", file=self.stream, flush=True)
+        self.bar = tqdm(total=info["num_blocks"], unit="block", file=self.stream,
+                        dynamic_ncols=True)
+
+    def on_block_end(self, block, info):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{info['frames_per_second']:.1f} frames/s, first frame "
+                                     f"{info['first_frame_seconds']:.2f} s")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_end = lambda self, out: self.close()  # noqa: E731
+
+
 def format_summary(out, model: str) -> str:
     secs = out.num_frames / out.fps if out.fps else 0.0
     lines = [
@@ -237,6 +299,10 @@ def format_summary(out, model: str) -> str:
         f"  total time     {out.total_seconds:.1f} s",
         f"  seed           {out.seed}",
     ]
+    if out.first_frame_seconds is not None:
+        rate = out.frames_per_second or 0.0
+        lines.append(f"  first frame    {out.first_frame_seconds:.2f} s after the start")
+        lines.append(f"  speed          {rate:.2f} frames/s ({rate / out.fps:.2f}x real time)")
     if out.peak_memory_bytes is not None:
         lines.append(f"  peak GPU mem   {out.peak_memory_bytes / 2**30:.2f} GiB")
     if model == "tiny":
@@ -262,6 +328,48 @@ def resolve_device(name: str):
     return dev
 
 
+def apply_mode_defaults(args) -> None:
+    """Fill the flags whose default depends on ``--mode`` (and ``--model tiny``), parse the
+    ``--lora`` specs, and refuse flag combinations the mode does not have (one line each)."""
+    from .lora import parse_lora_spec
+
+    for name, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if isinstance(args.max_area, str):
+        args.max_area = parse_max_area(TINY_MAX_AREA if args.model == "tiny" else args.max_area)
+    loras = args.lora
+    if loras is None:
+        loras = [LIVEAVATAR_LORA] if args.mode == "liveavatar" and args.model != "tiny" else []
+    args.lora_specs = [parse_lora_spec(x) for x in loras if x.strip().lower() != "none"]
+    if args.mode == "faithful":
+        if args.sample_solver == "euler":
+            raise InputError("--sample-solver euler is the liveavatar mode's sampler; use unipc or "
+                             "dpm++, or pass --mode liveavatar")
+        return
+    refused = [("--pose-video", args.pose_video is not None),
+               ("--init-first-frame", args.init_first_frame),
+               ("--enable-cpu-offload", args.enable_cpu_offload),
+               ("--enable-layerwise-offload", args.enable_layerwise_offload)]
+    refused += [(f"--{n.replace('_', '-')}", (getattr(args, n, None) or 1) > 1)
+                for n in ("ulysses_degree", "ring_degree", "tensor_parallel_size",
+                          "cfg_parallel_size", "vae_patch_parallel_size")]
+    bad = [flag for flag, used in refused if used]
+    if bad:
+        raise InputError(f"--mode liveavatar does not take {', '.join(bad)} yet; drop it (the "
+                         "step-pipelined multi-GPU form is in the Python API, docs/multi_gpu.md)")
+    if args.guidance_scale > 1:
+        raise InputError(f"--guidance-scale {args.guidance_scale:g}: --mode liveavatar has no "
+                         "classifier-free guidance (its LoRA is distilled for one pass per step); "
+                         "drop the flag")
+    if args.sample_solver != "euler":
+        raise InputError(f"--sample-solver {args.sample_solver}: --mode liveavatar samples with "
+                         "euler only; drop the flag")
+    if args.num_frames % 12:
+        raise InputError(f"--num-frames {args.num_frames} with --mode liveavatar is not a multiple "
+                         "of 12 (blocks of 3 latent frames = 12 video frames); use 48, the default")
+
+
 def check_numeric_flags(args) -> None:
     """Every numeric flag against its valid range (``pipeline.NUMERIC_SETTINGS``), right after
     argparse: one-line InputError naming the flag, the value and the range."""
@@ -278,7 +386,8 @@ def precheck_inputs(args) -> None:
 
     validate_settings(height=args.height, width=args.width, num_frames=args.num_frames,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                      sample_solver=args.sample_solver, max_area=args.max_area,
+                      sample_solver=args.sample_solver if args.mode == "faithful" else None,
+                      max_area=args.max_area,
                       num_clips=args.num_clips, fps=args.fps, flow_shift=args.flow_shift,
                       seed=args.seed)
     media.check_output_writable(args.output)
@@ -396,8 +505,6 @@ def cmd_generate(args) -> int:
     from .profiling.session import ProfileOptions
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_rank_zero() else (lambda *a: None)
-    if args.max_area is None:
-        args.max_area = parse_max_area(TINY_MAX_AREA if args.model == "tiny" else DEFAULT_MAX_AREA)
     if args.model == "tiny":
         log(TINY_NOTE)
     args.identical_on_all_ranks = True  # an error before loading: every rank reports the same
@@ -412,7 +519,8 @@ def cmd_generate(args) -> int:
             lock = lock_output(args.output, log)
         t0 = time.perf_counter()
         log(f"Loading {args.model} on {device} ...")
-        pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **options)
+        pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                           loras=args.lora_specs, **options)
         if args.vae_use_slicing:
             pipe.vae.enable_slicing()
         if args.vae_use_tiling:
@@ -430,6 +538,8 @@ def _run(pipe, args, profile) -> int:
     """One generation (under the profiler when asked); rank 0 prints the summary."""
     from .profiling.session import run_profiled
 
+    if args.mode == "liveavatar":
+        return _run_streaming(pipe, args, profile)
     progress = ProgressDisplay(enabled=not args.quiet)
 
     def run(stage_timer):
@@ -448,6 +558,40 @@ def _run(pipe, args, profile) -> int:
         else:
             out, paths = run(None), []
         args.written_output = out.output_path  # an interrupt from here on finds the MP4 complete
+    finally:
+        progress.close()
+    if is_rank_zero():
+        print(format_summary(out, args.model), flush=True)
+        for path in paths:
+            print(f"  profile        {path}", flush=True)
+    return EXIT_OK
+
+
+def _run_streaming(pipe, args, profile) -> int:
+    """``--mode liveavatar``: the streaming runner, written to the MP4 block by block."""
+    from .profiling.session import run_profiled
+    from .streaming.generate import generate_streaming
+    from .streaming.preset import StreamingSettings
+
+    settings = StreamingSettings(steps=args.num_inference_steps, shift=args.flow_shift,
+                                 fps=args.fps, frames_per_clip=args.num_frames,
+                                 seed=args.seed if args.seed >= 0 else int(time.time()),
+                                 sink=args.sink)
+    progress = StreamingProgress(enabled=not args.quiet)
+
+    def run(stage_timer):
+        return generate_streaming(pipe, args.image, args.audio, prompt=args.prompt,
+                                  settings=settings, height=args.height, width=args.width,
+                                  max_area=args.max_area, num_clips=args.num_clips,
+                                  output=args.output, trim_to_audio=args.trim_to_audio,
+                                  callbacks=[progress])
+
+    try:
+        if profile.any:
+            out, paths = run_profiled(run, profile, output_path=args.output)
+        else:
+            out, paths = run(None), []
+        args.written_output = out.output_path
     finally:
         progress.close()
     if is_rank_zero():
@@ -519,6 +663,7 @@ def main(argv=None) -> int:
         with one_line_warnings(), interrupt_signals(log):
             if args.func is cmd_generate:
                 args.identical_on_all_ranks = True
+                apply_mode_defaults(args)
                 check_numeric_flags(args)
             return args.func(args)
     except GenerationInterrupted as e:

@@ -130,6 +130,8 @@ class S2VOutput:
     num_steps_run: int = 0
     peak_memory_bytes: Optional[int] = None
     audio_seconds: Optional[float] = None
+    first_frame_seconds: Optional[float] = None  # streaming mode: start -> first frame decoded
+    frames_per_second: Optional[float] = None  # streaming mode: frames / block-loop seconds
 
     @property
     def seconds_per_step(self) -> float:
@@ -274,7 +276,7 @@ def validate_settings(*, height=None, width=None, num_frames=80, num_inference_s
                                 num_clips=num_clips, fps=fps, flow_shift=flow_shift, seed=seed))
     if (height is None) != (width is None):
         raise InputError("pass both --height and --width, or neither (then the size follows the image)")
-    if sample_solver not in ("unipc", "dpm++"):
+    if sample_solver is not None and sample_solver not in ("unipc", "dpm++"):
         raise InputError(f"--sample-solver {sample_solver!r} is not supported; use unipc or dpm++")
 
 
@@ -334,7 +336,8 @@ class S2VPipeline:
                         precision: Optional[str] = None, attention_backend: Optional[str] = None,
                         offload: Optional[str] = None, free_encoders: bool = False,
                         quantization: Optional[str] = None, parallel=None, audio_device=None, cache_dir: Optional[str] = None,
-                        load_text_encoder: bool = True, load_audio_encoder: bool = True):
+                        load_text_encoder: bool = True, load_audio_encoder: bool = True,
+                        loras: Sequence = ()):
         """Load every component from ``model``: ``"tiny"``, a local checkpoint directory in the
         official layout, or a Hugging Face repo id (downloaded on first use).
 
@@ -351,6 +354,9 @@ class S2VPipeline:
         torch.distributed is initialised here, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) or
         an existing :class:`~s2v_fast.parallel.ParallelState`. Every option is checked (one-line
         :class:`InputError`) before any weights are read.
+        ``loras``: LoRAs to merge into the DiT (``"PATH_OR_HF_ID[:SCALE]"`` strings or
+        :class:`~s2v_fast.lora.LoraSpec`), once, in fp32, before quantisation; the files are
+        resolved (downloaded) and read before the DiT is.
         """
         from . import hub
         from .models.audio_features import AudioFeatureExtractor
@@ -369,6 +375,7 @@ class S2VPipeline:
         precision, _ = resolve_precision(precision, device, offload=offload, parallel=pconf)
         quantization = check_quantization(quantization, offload=offload, parallel=pconf)
         path = hub.resolve_model(model, cache_dir=cache_dir)
+        lora_weights = _read_loras(loras, cache_dir, model_path=path)
         state = None
         if parallel is not None:
             validate_parallel_for_model(pconf, path, getattr(parallel, "world_size", None))
@@ -380,6 +387,9 @@ class S2VPipeline:
         # With offload every weight goes to host memory first: the GPU never holds them all.
         load_device = torch.device("cpu") if offload else device
         tp = state.config.tensor_parallel_size if state is not None else 1
+        if lora_weights and tp > 1:
+            raise InputError("--lora with --tensor-parallel-size > 1 is not supported yet (the "
+                             "merge needs the unsharded weights); drop one of them")
         timer = _default_stage_timer()
         with timer.stage("model_load"), _no_transformers_progress_bars():
             if tp > 1:  # read only this rank's slices of the sharded weights
@@ -389,6 +399,10 @@ class S2VPipeline:
             else:
                 dit = S2VTransformer.from_pretrained(path, device=load_device, dtype=dtype)
             dit.precision = precision
+            if lora_weights:
+                from .lora import merge_lora
+
+                merge_lora(dit, lora_weights)
             if quantization != "none":  # in place, layer by layer
                 from .kernels.attention import get_attention_backend
                 from .quantization import quantize_dit
@@ -915,7 +929,7 @@ class S2VPipeline:
         return result
 
     @staticmethod
-    def _handle_failure(exc, writer, clips_done, n_clips, frames_done, output):
+    def _handle_failure(exc, writer, clips_done, n_clips, frames_done, output, unit="clips"):
         """Ctrl-C, a signal or an error mid-run: keep the finished clips in a valid MP4, else
         leave nothing.
 
@@ -938,11 +952,12 @@ class S2VPipeline:
         clips_done = max(clips_done, writer.chunks_written)
         info = dict(clips_done=clips_done, num_clips=n_clips, frames_written=writer.frames_written,
                     output_path=writer.path, cause=exc)
-        kept = f"kept the {clips_done} finished clip(s) ({writer.frames_written} frames) in {writer.path}"
+        kept = (f"kept the {clips_done} finished {unit[:-1]}(s) ({writer.frames_written} frames) "
+                f"in {writer.path}")
         if isinstance(exc, KeyboardInterrupt):
-            raise GenerationInterrupted(f"{_interrupted(exc)} after {clips_done} of {n_clips} clips; "
+            raise GenerationInterrupted(f"{_interrupted(exc)} after {clips_done} of {n_clips} {unit}; "
                                         f"{kept}", **info) from exc
-        raise PartialOutputError(f"generation failed after {clips_done} of {n_clips} clips "
+        raise PartialOutputError(f"generation failed after {clips_done} of {n_clips} {unit} "
                                  f"({_one_line(exc)}); {kept}", **info) from exc
 
     __call__ = generate
@@ -953,6 +968,25 @@ class S2VPipeline:
 
         audio_path = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else None
         return MP4Writer(output, fps=fps, audio_path=audio_path, trim_to_audio=trim_to_audio)
+
+
+def _read_loras(loras, cache_dir=None, model_path: Optional[str] = None) -> list:
+    """[(LoraWeights, scale)] of LoRA specs (strings or LoraSpec), resolved and validated.
+    ``tiny`` names the tiny model set's own LoRA file (with ``--model tiny`` only)."""
+    from . import hub
+    from .lora import LoraSpec, load_lora, parse_lora_spec, resolve_lora_file
+    from .models.tiny import TINY_LORA
+
+    out = []
+    for spec in loras or ():
+        spec = spec if isinstance(spec, LoraSpec) else parse_lora_spec(spec)
+        source = spec.source
+        if source == "tiny":
+            if model_path is None or not hub.is_tiny_dir(model_path):
+                raise InputError("--lora tiny is the tiny model set's LoRA; use it with --model tiny")
+            source = os.path.join(model_path, TINY_LORA)
+        out.append((load_lora(resolve_lora_file(source, cache_dir=cache_dir)), spec.scale))
+    return out
 
 
 @contextlib.contextmanager

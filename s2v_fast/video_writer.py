@@ -346,14 +346,18 @@ class MP4Writer:
 
     def __init__(self, path, fps=16, audio_path=None, crf: int = 18, trim_to_audio: bool = True,
                  audio_sample_rate: Optional[int] = None, audio_bitrate: int = 192000,
-                 preset: str = "medium"):
+                 preset: str = "medium", live: bool = False):
         self._closed = True  # until the lock is held: nothing to undo before
         self.finished = False
         self._lock = None
         self._container = None
         self.path = check_output_writable(path)
         self.format = check_output_name(self.path)
-        self.tmp_path = partial_path(self.path)
+        # live (the streaming mode): write the output itself, one fragment per write_frames
+        # call, with a zero-latency encoder, so a player can open it while it grows; it is
+        # playable at every point, so an interrupted run keeps what it wrote
+        self.live = bool(live)
+        self.tmp_path = self.path if self.live else partial_path(self.path)
         self.fps = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
         if self.fps <= 0:
             raise InputError(f"fps must be positive, got {fps}")
@@ -415,6 +419,8 @@ class MP4Writer:
         vs.time_base = self._frame_tb
         vs.codec_context.time_base = self._frame_tb
         vs.options = {"crf": str(self.crf), "preset": self.preset}
+        if self.live:
+            vs.options["tune"] = "zerolatency"  # no lookahead / B-frames: packets leave at once
         self._vstream = vs
         if self._audio is not None:
             channels = self._audio.shape[0]
@@ -456,7 +462,8 @@ class MP4Writer:
             frame = av.VideoFrame.from_ndarray(arr[i], format="rgb24")
             frame.pts = self.frames_written
             frame.time_base = self._frame_tb  # not the stream's: the muxer may change that
-            if i == 0 and (self._last_key is None or self.frames_written - self._last_key >= self.fps):
+            gap = 0 if self.live else self.fps
+            if i == 0 and (self._last_key is None or self.frames_written - self._last_key >= gap):
                 frame.pict_type = av.video.frame.PictureType.I  # keyframe: a new fragment
                 self._last_key = self.frames_written
             for packet in self._vstream.encode(frame):
@@ -518,7 +525,8 @@ class MP4Writer:
                         self._container.mux(packet)
                 self._container.close()
                 self._container = None
-                os.replace(self.tmp_path, self.path)
+                if self.tmp_path != self.path:
+                    os.replace(self.tmp_path, self.path)
             except BaseException:
                 self.abort()
                 raise

@@ -8,7 +8,9 @@
 * ``models_t5_umt5-xxl-enc-bf16.pth``: a 2-layer umT5 encoder (d 64) with the official key names,
   and a small sentencepiece tokenizer in ``google/umt5-xxl/``;
 * ``Wan2.1_VAE.pth``: the Wan2.1 VAE structure with base dim 4;
-* ``wav2vec2-large-xlsr-53-english/``: a 24-layer wav2vec2 with hidden size 32 (25 hidden states).
+* ``wav2vec2-large-xlsr-53-english/``: a 24-layer wav2vec2 with hidden size 32 (25 hidden states);
+* ``tiny_lora.safetensors``: a rank-4 PEFT LoRA on every LoRA target LiveAvatar's has (self- and
+  cross-attention q/k/v/o, FFN in/out, audio injector q/k/v/o), for ``--lora tiny``.
 
 plus ``s2v_fast_tiny.json`` (the version and the sha256 of every file): a damaged or outdated set
 is told from a real checkpoint, and the cached one is rebuilt by itself
@@ -28,7 +30,10 @@ import tempfile
 
 import torch
 
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
+TINY_LORA = "tiny_lora.safetensors"
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 _T5 = dict(vocab=256, d_model=64, heads=4, d_ff=128, layers=2, buckets=32)
 
 
@@ -200,8 +205,27 @@ def write_tiny_checkpoint(directory: str, seed: int = 0) -> str:
 
     make_tiny_wav2vec2(os.path.join(directory, hub.WAV2VEC_DIR), seed=seed + 4,
                        hidden_size=dit.config.audio_dim)
+    write_tiny_lora(dit, os.path.join(directory, TINY_LORA), seed=seed + 5)
     _write_manifest(directory)
     return directory
+
+
+def write_tiny_lora(dit, path: str, seed: int = 0, rank: int = 4) -> str:
+    """A PEFT-format LoRA (``<module>.lora_A.default.weight`` [r, in], ``lora_B`` [out, r], no
+    alpha) for every LiveAvatar target of ``dit``: its merge visibly changes the weights."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in dit.named_modules():
+        target = name.endswith(LORA_TARGETS) or (
+            name.startswith("audio_injector.injector.") and name.rsplit(".", 1)[-1] in "qkvo")
+        if target and isinstance(mod, torch.nn.Linear):
+            out_f, in_f = mod.weight.shape
+            tensors[f"{name}.lora_A.default.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+            tensors[f"{name}.lora_B.default.weight"] = torch.randn(out_f, rank, generator=g) * 0.02
+    save_file(tensors, path)
+    return path
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
