@@ -27,6 +27,7 @@ from ..schedulers import FlowEulerSchedule
 from .preset import REALTIME, StreamingSettings
 
 RD_RANGE = (4, 30)
+LATENT_CHANNELS = 16
 
 
 @dataclass
@@ -58,6 +59,92 @@ def seeded_rd(seed: int) -> Iterator[int]:
         yield rng.randint(*RD_RANGE)
 
 
+def take_rd(rd: Iterator[int]) -> int:
+    """The next rd of a (seeded or injected) sequence; an injected one that runs out is a user
+    error."""
+    try:
+        return int(next(rd))
+    except StopIteration:
+        raise InputError("the injected rd sequence ran out; pass one value per DiT forward "
+                         "(steps x blocks)") from None
+
+
+# ------------------------------------------------------------------ per-block bookkeeping
+# Shared by this runner and the step pipeline (s2v_fast.parallel.step_pipeline), whose ranks must
+# agree with it bit for bit on every block's noise, audio window and RoPE start.
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where one block sits in the stream."""
+
+    clip: int
+    block: int
+    index: int  # blocks since the start of the stream
+    start_frame: int  # absolute latent frame of the block's first frame
+    frames: int  # latent frames per block
+    audio_frames: int  # video frames of audio per block
+    audio_start: int  # first video frame of the block's audio window
+
+    def noise_of(self, clip_noise: torch.Tensor) -> torch.Tensor:
+        """The block's [1, 16, f, h, w] slice (a view) of its clip's noise [16, F, h, w]."""
+        f0 = self.block * self.frames
+        return clip_noise[:, f0:f0 + self.frames].unsqueeze(0)
+
+    def audio_of(self, audio: torch.Tensor) -> torch.Tensor:
+        return audio[..., self.audio_start:self.audio_start + self.audio_frames]
+
+
+def plan_blocks(settings: StreamingSettings, num_clips: int) -> Iterator[BlockPlan]:
+    """Every block of ``num_clips`` clips, in stream order."""
+    s = settings
+    for r in range(num_clips):
+        for b in range(s.blocks_per_clip):
+            index = r * s.blocks_per_clip + b
+            yield BlockPlan(r, b, index, index * s.block_frames, s.block_frames,
+                            s.video_frames_per_block,
+                            r * s.frames_per_clip + b * s.video_frames_per_block)
+
+
+def check_audio(settings: StreamingSettings, audio: torch.Tensor, num_clips: int) -> None:
+    need = settings.frames_per_clip * num_clips
+    if audio.shape[-1] < need:
+        raise InputError(f"audio features cover {audio.shape[-1]} frames, {need} needed for "
+                         f"{num_clips} clip(s)")
+
+
+def clip_noise(settings: StreamingSettings, clip: int, lh: int, lw: int, dtype: torch.dtype,
+               device) -> torch.Tensor:
+    """Clip noise [16, 12, lh, lw] in the compute dtype, generator seeded ``seed + clip``."""
+    g = torch.Generator(device=device).manual_seed(settings.seed + clip)
+    return torch.randn(LATENT_CHANNELS, settings.latent_frames_per_clip, lh, lw, generator=g,
+                       dtype=dtype, device=device)
+
+
+def refreshes_sink(settings: StreamingSettings, clip: int) -> bool:
+    """Whether the cond cache is rebuilt from the first generated latent before ``clip``."""
+    return clip == 1 and settings.sink == REALTIME
+
+
+def first_latent_of(latents: torch.Tensor) -> torch.Tensor:
+    """The real-time mode's rolling sink frame: frame 0 of the stream's first block."""
+    return latents[:, :, 0:1].clone()
+
+
+def step_cache(causal: CausalS2V, settings: StreamingSettings, lh: int, lw: int) -> RingKVCache:
+    """One denoising step's rolling cache of ``cache_frames`` latent frames."""
+    ph, pw = causal.patch[1:]
+    return causal.new_step_cache(settings.cache_frames * (lh // ph) * (lw // pw))
+
+
+def denoise_step(causal: CausalS2V, schedule: FlowEulerSchedule, step: int, x: torch.Tensor,
+                 cache: RingKVCache, cond: CondCache, start_frame: int, audio_block: torch.Tensor,
+                 text_kv, rd: int):
+    """Euler step ``step`` of one block on that step's cache -> (velocity, next latents)."""
+    t = schedule.timesteps[step].item()
+    v = causal.forward_block(x, t, cache, cond, start_frame, audio_block, text_kv,
+                             ref_rope_time(start_frame, rd))
+    return v, schedule.step(v, step, x)
+
+
 class StreamingRunner:
     """Runs the streaming mode over a model whose LoRA (if any) is already merged."""
 
@@ -73,18 +160,10 @@ class StreamingRunner:
         self.cond: Optional[CondCache] = None
 
     def next_rd(self) -> int:
-        try:
-            return int(next(self._rd))
-        except StopIteration:
-            raise InputError("the injected rd sequence ran out; pass one value per DiT forward "
-                             "(steps x blocks)") from None
+        return take_rd(self._rd)
 
     def make_noise(self, clip: int, lh: int, lw: int) -> torch.Tensor:
-        """Clip noise [16, 12, lh, lw] in the compute dtype, generator seeded ``seed + clip``."""
-        dev = self.causal.device
-        g = torch.Generator(device=dev).manual_seed(self.settings.seed + clip)
-        return torch.randn(16, self.settings.latent_frames_per_clip, lh, lw, generator=g,
-                           dtype=self.causal.dtype, device=dev)
+        return clip_noise(self.settings, clip, lh, lw, self.causal.dtype, self.causal.device)
 
     def stream(self, *, context, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
                audio: torch.Tensor, num_clips: int) -> Iterator[BlockResult]:
@@ -93,42 +172,29 @@ class StreamingRunner:
         s = self.settings
         causal = self.causal
         lh, lw = ref_latents.shape[-2:]
-        ph, pw = causal.patch[1:]
-        frame_tokens = (lh // ph) * (lw // pw)
-        need = s.frames_per_clip * num_clips
-        if audio.shape[-1] < need:
-            raise InputError(f"audio features cover {audio.shape[-1]} frames, {need} needed for "
-                             f"{num_clips} clip(s)")
+        check_audio(s, audio, num_clips)
         text_kv = causal.text_kv(context)
-        self.caches = [causal.new_step_cache(s.cache_frames * frame_tokens)
-                       for _ in range(s.steps)]
+        self.caches = [step_cache(causal, s, lh, lw) for _ in range(s.steps)]
         self.cond = causal.prefill(ref_latents, motion_latents, text_kv, s.block_frames)
         first_latent = None
-        index = 0
-        for r in range(num_clips):
-            if r == 1 and s.sink == REALTIME:  # the rolling sink frame
-                self.cond = causal.prefill(first_latent, motion_latents, text_kv, s.block_frames)
-            noise = self.make_noise(r, lh, lw)
-            for b in range(s.blocks_per_clip):
-                f0 = b * s.block_frames
-                x = noise[:, f0:f0 + s.block_frames].unsqueeze(0)
-                a0 = r * s.frames_per_clip + b * s.video_frames_per_block
-                audio_block = audio[..., a0:a0 + s.video_frames_per_block]
-                start_frame = index * s.block_frames
-                out = self._denoise(x, r, b, start_frame, audio_block, text_kv)
-                if first_latent is None:
-                    first_latent = out[:, :, 0:1].clone()
-                yield BlockResult(r, b, index, start_frame, x, out)
-                index += 1
+        for p in plan_blocks(s, num_clips):
+            if p.block == 0:
+                if refreshes_sink(s, p.clip):
+                    self.cond = causal.prefill(first_latent, motion_latents, text_kv,
+                                               s.block_frames)
+                noise = self.make_noise(p.clip, lh, lw)
+            x = p.noise_of(noise)
+            out = self._denoise(x, p, p.audio_of(audio), text_kv)
+            if first_latent is None:
+                first_latent = first_latent_of(out)
+            yield BlockResult(p.clip, p.block, p.index, p.start_frame, x, out)
 
-    def _denoise(self, x, clip, block, start_frame, audio_block, text_kv) -> torch.Tensor:
-        sch = self.schedule
-        for i, t in enumerate(sch.timesteps.tolist()):
+    def _denoise(self, x, plan: BlockPlan, audio_block, text_kv) -> torch.Tensor:
+        for i in range(len(self.schedule)):
             rd = self.next_rd()
-            v = self.causal.forward_block(x, t, self.caches[i], self.cond, start_frame,
-                                          audio_block, text_kv, ref_rope_time(start_frame, rd))
-            x_next = sch.step(v, i, x)
+            v, x_next = denoise_step(self.causal, self.schedule, i, x, self.caches[i], self.cond,
+                                     plan.start_frame, audio_block, text_kv, rd)
             if self.on_step is not None:
-                self.on_step(StepEvent(clip, block, i, rd, x, v, x_next))
+                self.on_step(StepEvent(plan.clip, plan.block, i, rd, x, v, x_next))
             x = x_next
         return x
