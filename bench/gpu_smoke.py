@@ -9,6 +9,8 @@ bf16 weights. Each row runs one step and compares it with the row it should agre
 * ``--quantization fp8`` (fp8 linears + fp8 self-attention) against ``fast``;
 * model offload (weights onloaded from pinned host memory) and layerwise offload (blocks streamed
   on a side stream) against ``fast``;
+* LiveAvatar's streaming mode on the same section at 704x384 (5 blocks: the ring wraps once):
+  bf16 against an fp32 copy of its weights, ``--quantization fp8`` against bf16;
 * the full-size VAE (random weights) at 448x832 on smooth unit-variance latents: tiled and sliced
   decode against the plain decode;
 * the pipeline's clip loop on the tiny model on CUDA (2 clips), and the whole CLI
@@ -61,6 +63,8 @@ from s2v_fast.kernels import attention as attn  # noqa: E402
 # and PSNR (dB). The stem runs on whole frames and each tile's tail has a 64 px halo: what is left
 # is the tail's receptive field past the halo (bench/NOTES.md section 17, vae_tiling_error-*).
 VAE_TILED_BOUND = dict(max_abs=2e-2, psnr_db=60.0)
+# streaming, bf16 weights vs the same weights in fp32 after 5 blocks x 4 steps (rel L2, cosine)
+STREAM_BF16_BOUND = (5e-2, 0.998)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -196,6 +200,56 @@ class Smoke:
         self.run("dit_offload_model", model_offload)
         self.run("dit_offload_layerwise", layerwise_offload)
 
+    # ----------------------------------------------------------------------- streaming
+    def streaming_rows(self) -> None:
+        """LiveAvatar's streaming mode on the same 14B-width section at 704x384: 5 blocks (the
+        4-block ring wraps once), bf16 against an fp32 copy of the weights, fp8 against bf16."""
+        import copy
+        import itertools
+
+        from s2v_fast.streaming.preset import StreamingSettings
+        from s2v_fast.streaming.runner import StreamingRunner
+
+        h, w = (64, 64) if self.args.smoke else (704, 384)
+        settings, blocks = StreamingSettings(), 5
+
+        def stream(model):
+            c, dev = model.config, model.device
+            g = torch.Generator(device=dev).manual_seed(7)
+            rnd = lambda *s: torch.randn(*s, generator=g, device=dev)  # noqa: E731
+            kw = dict(context=rnd(40, c.text_dim).to(model.compute_dtype),
+                      ref_latents=rnd(1, 16, 1, h // 8, w // 8),
+                      motion_latents=rnd(1, 16, 19, h // 8, w // 8),
+                      audio=rnd(1, 25, c.audio_dim, 2 * settings.frames_per_clip).to(model.compute_dtype),
+                      num_clips=2)
+            with torch.no_grad():
+                out = [b.latents for b in itertools.islice(
+                    StreamingRunner(model, settings).stream(**kw), blocks)]
+            return torch.cat(out, dim=2).float()
+
+        ref = {}
+
+        def bf16():
+            m = self.model("reference")
+            ref["model"], ref["bf16"] = m, stream(m)
+            exact = stream(copy.deepcopy(m).float())
+            return check(compare(ref["bf16"], exact), STREAM_BF16_BOUND[0], STREAM_BF16_BOUND[1])
+
+        def fp8():
+            from s2v_fast.quantization import quantize_dit
+
+            prev = attn.get_attention_backend()
+            try:
+                quantize_dit(ref["model"], "fp8")
+                row = check(compare(stream(ref["model"]), ref["bf16"]), 0.15, 0.99)
+                row["attention"] = attn.get_attention_backend()
+                return row
+            finally:
+                attn.set_attention_backend(prev)
+
+        self.run("streaming_bf16_vs_fp32", bf16)
+        self.run("streaming_fp8_vs_bf16", fp8)
+
     # ----------------------------------------------------------------------- VAE
     def vae_rows(self) -> None:
         tf32 = torch.backends.cudnn.allow_tf32
@@ -307,7 +361,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check on the tiny config")
     ap.add_argument("--layers", type=int, default=4, help="DiT blocks of the 14B-width section")
-    ap.add_argument("--only", nargs="*", default=("dit", "vae", "cli"), help="parts to run")
+    ap.add_argument("--only", nargs="*", default=("dit", "streaming", "vae", "cli"),
+                    help="parts to run")
     ap.add_argument("--topic", default="gpu_smoke")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -316,6 +371,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if "dit" in args.only:
         s.dit_rows()
+    if "streaming" in args.only:
+        s.streaming_rows()
     if "vae" in args.only:
         s.vae_rows()
     if "cli" in args.only:

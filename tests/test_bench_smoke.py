@@ -24,3 +24,13 @@ def test_gpu_smoke_marks_a_missed_bound():
     r = gpu_smoke.check(dict(rel_l2=0.5, cosine=0.9, finite=True), 1e-2, 0.9999)
     assert r["ok"] is False and "rel_l2 <= 0.01" in r["bound"]
     assert gpu_smoke.check(dict(rel_l2=1e-3, cosine=1.0, finite=False), 1e-2, 0.9)["ok"] is False
+
+
+def test_bench_streaming_cpu_form(capsys):
+    """bench/bench_streaming.py on the tiny model: the runner + streaming decode + the fp8
+    quantised model, the row fields and the fp8-vs-bf16 accuracy check."""
+    import bench_streaming
+
+    assert bench_streaming.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64 bf16:" in out and "64x64 fp8:" in out and "cos " in out, out

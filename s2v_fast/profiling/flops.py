@@ -22,6 +22,7 @@ __all__ = [
     "dit_block_flops",
     "audio_injection_flops",
     "dit_forward_flops",
+    "streaming_forward_flops",
     "s2v_token_counts",
     "denoise_flops",
     "PEAK_TFLOPS_BF16",
@@ -118,6 +119,28 @@ def dit_forward_flops(config=None, *, tokens: int, video_tokens: int, **override
         audio=audio_injection_flops(Lv, C, na),
         tokens=int(tokens),
         video_tokens=int(video_tokens),
+        _cross_core=cross_core,
+    )
+
+
+def streaming_forward_flops(config=None, *, block_tokens: int, key_tokens: int,
+                            **overrides) -> DiTFlops:
+    """FLOPs of one block-causal forward of the streaming mode (LiveAvatar): ``block_tokens``
+    queries (the noisy block; no ref/motion tokens in the sequence) against ``key_tokens`` keys
+    (the filled part of the rolling cache + the cond tokens). The text K/V are computed once per
+    prompt, so only the cross-attention q/o projections and core count."""
+    get = lambda k: overrides.get(k) if overrides.get(k) is not None else _cfg(config, k)  # noqa: E731
+    C, f, n, T, na = get("dim"), get("ffn_dim"), get("num_layers"), get("text_len"), get("num_audio_injections")
+    Lq, Lk = float(block_tokens), float(key_tokens)
+    cross_core = n * 4 * Lq * T * C
+    return DiTFlops(
+        self_attn_proj=n * 8 * Lq * C * C,
+        attention=n * 4 * Lq * Lk * C,
+        cross_attn=n * 4 * Lq * C * C + cross_core,
+        ffn=n * 4 * Lq * C * f,
+        audio=audio_injection_flops(Lq, C, na),
+        tokens=int(block_tokens),
+        video_tokens=int(block_tokens),
         _cross_core=cross_core,
     )
 
