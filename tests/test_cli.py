@@ -59,10 +59,17 @@ def test_parse_max_area():
 def test_generate_defaults_match_spec():
     p = cli.build_parser()
     a = p.parse_args(["generate", "--image", "i.png", "--audio", "a.wav"])
+    cli.apply_mode_defaults(a)
     assert (a.model, a.prompt, a.num_frames, a.num_inference_steps, a.guidance_scale, a.flow_shift,
             a.sample_solver, a.seed, a.fps, a.output, a.trim_to_audio) == (
         "Wan-AI/Wan2.2-S2V-14B", "A person speaking naturally", 80, 40, 4.5, 3.0, "unipc", 42, 16,
         "s2v_output.mp4", True)
+    assert a.max_area == 480 * 832 and a.lora_specs == [] and a.mode == "faithful"
+    la = p.parse_args(["generate", "--image", "i.png", "--audio", "a.wav", "--mode", "liveavatar"])
+    cli.apply_mode_defaults(la)
+    assert (la.num_frames, la.num_inference_steps, la.guidance_scale, la.sample_solver, la.fps,
+            la.max_area, la.sink) == (48, 4, 0.0, "euler", 25, 704 * 384, "realtime")
+    assert [(s.source, s.scale) for s in la.lora_specs] == [("Quark-Vision/Live-Avatar", 0.5)]
 
 
 @pytest.mark.parametrize("case, needle", [

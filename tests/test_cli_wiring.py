@@ -97,6 +97,7 @@ def test_profile_defaults_and_required_dir(capsys):
                       "--num-inference-steps", "3", "--num-clips", "2"])
     assert (a.num_inference_steps, a.num_clips) == (3, 2)
     g = p.parse_args(["generate", "--image", "i", "--audio", "a"])
+    cli.apply_mode_defaults(g)
     assert (g.num_inference_steps, g.num_clips) == (40, None)  # generate keeps its own defaults
     with pytest.raises(SystemExit) as e:
         cli.main(["profile", "--image", "i", "--audio", "a"])

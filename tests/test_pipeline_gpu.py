@@ -7,6 +7,8 @@ bf16 tolerance. Uses ``run_clips`` with random contexts and audio features, so n
 or MP4 encoder is needed.
 """
 import pytest
+
+from s2v_fast.models.tiny import TINY_VERSION
 import torch
 
 from s2v_fast.pipeline import S2VPipeline
@@ -19,7 +21,7 @@ pytestmark = [pytest.mark.gpu,
 def tiny_dir(tmp_path_factory):
     from s2v_fast.models.tiny import ensure_tiny_checkpoint
 
-    return ensure_tiny_checkpoint(str(tmp_path_factory.mktemp("gpu_cache") / "tiny-v1"))
+    return ensure_tiny_checkpoint(str(tmp_path_factory.mktemp("gpu_cache") / TINY_VERSION))
 
 
 def _clip(pipe, steps=3):

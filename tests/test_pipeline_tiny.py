@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import pytest
+
+from s2v_fast.models.tiny import TINY_VERSION
 import torch
 
 from s2v_fast.errors import CheckpointError, InputError
@@ -65,13 +67,13 @@ def tiny_cache(tmp_path_factory):
     from s2v_fast.models.tiny import ensure_tiny_checkpoint
 
     root = tmp_path_factory.getbasetemp() / "s2v_cache"
-    ensure_tiny_checkpoint(str(root / "tiny-v1"))
+    ensure_tiny_checkpoint(str(root / TINY_VERSION))
     return str(root)
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_cache):
-    return os.path.join(tiny_cache, "tiny-v1")
+    return os.path.join(tiny_cache, TINY_VERSION)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+
+from s2v_fast.models.tiny import TINY_VERSION
 import torch
 
 from s2v_fast import hub
@@ -57,7 +59,7 @@ def assert_refused(exc_info, path, marker):
 def tiny_master(tmp_path_factory):
     from s2v_fast.models.tiny import ensure_tiny_checkpoint
 
-    return ensure_tiny_checkpoint(str(tmp_path_factory.mktemp("untrusted") / "tiny-v1"))
+    return ensure_tiny_checkpoint(str(tmp_path_factory.mktemp("untrusted") / TINY_VERSION))
 
 
 @pytest.fixture
