@@ -21,7 +21,7 @@ weights everything else is fp32, which is how the golden fixtures were made.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import torch
@@ -55,21 +55,37 @@ def ref_segment(time: int, th: int, tw: int) -> Segment:
 # ----------------------------------------------------------------------------- caches
 @dataclass
 class CondCache:
-    """The "sink": per layer the normed un-RoPE'd K and the V of the cond tokens [B, Lc, H, D]."""
+    """The "sink": per layer the normed un-RoPE'd K and the V of the cond tokens [B, Lc, H, D]
+    (reference tokens first, then motion).
+
+    Upstream re-applies RoPE to all cond keys on every forward, but only the reference frame's
+    time rolls; the motion tokens' positions are fixed, so their RoPE'd keys are kept
+    (``motion_k``, the same numbers: RoPE is elementwise per token)."""
 
     k: List[torch.Tensor]
     v: List[torch.Tensor]
-    ref_hw: Tuple[int, int]  # (th, tw) of the reference tokens (they come first)
+    ref_hw: Tuple[int, int]  # (th, tw) of the reference tokens
     motion_segments: List[Segment]  # fixed RoPE segments of the motion tokens
+    motion_k: List[torch.Tensor] = field(default_factory=list)  # RoPE'd motion keys per layer
 
     @property
     def num_tokens(self) -> int:
         return self.k[0].shape[1]
 
+    @property
+    def num_ref(self) -> int:
+        return self.ref_hw[0] * self.ref_hw[1]
+
     def rope(self, ref_time: int, head_dim: int, device, dtype) -> RopeTable:
+        """The table of all cond tokens (the prefill's self-attention)."""
         th, tw = self.ref_hw
         segs = [ref_segment(ref_time, th, tw)] + list(self.motion_segments)
         return build_rope_table(segs, head_dim, device, dtype, round_to=ROPE_ROUND)
+
+    def keys(self, layer: int, ref_table: RopeTable) -> torch.Tensor:
+        """Layer ``layer``'s cond keys with the reference frame at ``ref_table``'s time."""
+        ref = _rope(self.k[layer][:, :self.num_ref], ref_table)
+        return torch.cat([ref, self.motion_k[layer]], dim=1)
 
 
 class RingKVCache:
@@ -208,11 +224,13 @@ class CausalS2V:
             terms = _terms(block, e0, 1)
             h = _modulate(x, terms[0], terms[1], block.eps).to(self.dtype)
             q, k, v = _qkv(block, h)
+            k_roped = _rope(k, rope)
             cache.k.append(k)
             cache.v.append(v)
+            cache.motion_k.append(k_roped[:, cache.num_ref:])
             if i == last:  # the last block's output is never used: only its K/V are
                 break
-            y = _attn_out(block, _rope(q, rope), _rope(k, rope), v)
+            y = _attn_out(block, _rope(q, rope), k_roped, v)
             x_in = x
             x = x + y.float() * terms[2]
             x = _cross_ffn(block, x, terms, text_kv[i]).to(x_in.dtype)
@@ -246,7 +264,9 @@ class CausalS2V:
 
         rope = build_rope_table([block_segment(start_frame, nf, th, tw)], self.head_dim, dev,
                                 torch.float64, round_to=ROPE_ROUND)
-        cond_rope = cond.rope(ref_time, self.head_dim, dev, torch.float64)
+        th_r, tw_r = cond.ref_hw
+        ref_rope = build_rope_table([ref_segment(ref_time, th_r, tw_r)], self.head_dim, dev,
+                                    torch.float64, round_to=ROPE_ROUND)
         e_t, e0 = self._time(t, nf)
         xs = tok
         for i, block in enumerate(m.blocks):
@@ -256,7 +276,7 @@ class CausalS2V:
             q, k = _rope(q, rope), _rope(k, rope)
             cache.write(i, start_tok, k, v)
             ck, cv = cache.active(i, start_tok + n)
-            keys = torch.cat([ck, _rope(cond.k[i], cond_rope)], dim=1)
+            keys = torch.cat([ck, cond.keys(i, ref_rope)], dim=1)
             vals = torch.cat([cv, cond.v[i]], dim=1)
             y = _attn_out(block, q, keys, vals)
             x_in = xs
