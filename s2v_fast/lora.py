@@ -341,6 +341,14 @@ def merge_lora(model: nn.Module, loras: Sequence[Tuple[LoraWeights, Optional[flo
     return MergeReport(tuple(merged), len(plan))
 
 
+def check_lora(model: nn.Module, loras: Sequence[Tuple[LoraWeights, Optional[float]]]) -> None:
+    """Every check :func:`merge_lora` makes, without merging: works on a meta-device model, so
+    a LoRA that does not fit the checkpoint fails before any weight is read."""
+    index = _ModelIndex(model)
+    for lora, scale in loras:
+        _plan_lora(index, lora, 1.0 if scale is None else float(scale))
+
+
 def _plan_lora(index: _ModelIndex, lora: LoraWeights, scale: float
                ) -> Tuple[List[Tuple[nn.Parameter, _Term]], MergedLora]:
     """Resolve and shape-check every tensor of one LoRA; raise before anything is merged."""

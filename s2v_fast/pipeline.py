@@ -376,6 +376,12 @@ class S2VPipeline:
         quantization = check_quantization(quantization, offload=offload, parallel=pconf)
         path = hub.resolve_model(model, cache_dir=cache_dir)
         lora_weights = _read_loras(loras, cache_dir, model_path=path)
+        if lora_weights:  # keys and shapes against the checkpoint's config, no weights read
+            from .config import DiTConfig
+            from .lora import check_lora
+
+            with torch.device("meta"):
+                check_lora(S2VTransformer(DiTConfig.from_json(path)), lora_weights)
         state = None
         if parallel is not None:
             validate_parallel_for_model(pconf, path, getattr(parallel, "world_size", None))

@@ -101,3 +101,24 @@ def test_streaming_api_video_matches_block_decode(inputs, monkeypatch, tiny_cach
                            trim_to_audio=False)
     assert b.video.shape == a.video.shape
     assert not torch.allclose(a.video, b.video)
+
+
+def test_mismatched_lora_fails_before_the_weights_load(inputs, tmp_path, capsys, monkeypatch,
+                                                       tiny_cache):
+    """Shapes are checked against a meta-device model of the checkpoint's config."""
+    from safetensors.torch import save_file
+
+    import s2v_fast.checkpoint as ckpt
+
+    monkeypatch.setenv("S2V_FAST_CACHE", tiny_cache)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 999),
+               "blocks.0.self_attn.q.lora_B.weight": torch.zeros(128, 4)}, str(bad))
+
+    def no_load(*a, **k):
+        raise AssertionError("the DiT weights were read")
+
+    monkeypatch.setattr(ckpt, "load_dit", no_load)
+    assert cli.main(argv(inputs, tmp_path / "o.mp4", "--lora", str(bad))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "blocks.0.self_attn.q.lora_A.weight" in err, err
