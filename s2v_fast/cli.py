@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import sys
 import threading
@@ -573,9 +574,12 @@ def _run_streaming(pipe, args, profile) -> int:
     from .streaming.generate import generate_streaming
     from .streaming.preset import StreamingSettings
 
+    if pipe.precision == "fast" and is_rank_zero():
+        print("note: --mode liveavatar runs the plain block-causal forward; the fused kernels of "
+              "--precision fast do not apply to it yet", file=sys.stderr, flush=True)
     settings = StreamingSettings(steps=args.num_inference_steps, shift=args.flow_shift,
                                  fps=args.fps, frames_per_clip=args.num_frames,
-                                 seed=args.seed if args.seed >= 0 else int(time.time()),
+                                 seed=args.seed if args.seed >= 0 else random.randint(0, 2**31 - 1),
                                  sink=args.sink)
     progress = StreamingProgress(enabled=not args.quiet)
 
