@@ -27,10 +27,12 @@ from results_io import write_results  # noqa: E402
 from s2v_fast.models.audio_features import AudioFeatureExtractor  # noqa: E402
 
 
-def full_size_model(seed: int = 0):
+def full_size_model(seed: int = 0, **overrides):
+    """Random-weight wav2vec2 of the full-size structure; ``overrides`` change config fields (the
+    CPU smoke form of bench/test_bench_quick.py shrinks it)."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-    cfg = Wav2Vec2Config(
+    cfg = dict(
         vocab_size=32, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
         intermediate_size=4096, hidden_act="gelu", conv_dim=(512,) * 7,
         conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_bias=True,
@@ -38,6 +40,7 @@ def full_size_model(seed: int = 0):
         num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, layer_norm_eps=1e-5,
         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
         final_dropout=0.0, layerdrop=0.0)
+    cfg = Wav2Vec2Config(**{**cfg, **overrides})
     torch.manual_seed(seed)
     model = Wav2Vec2ForCTC(cfg).eval()
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,

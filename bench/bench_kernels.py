@@ -8,7 +8,7 @@ bench/results) as JSON: names `kernel_<op>_<tokens>` / `attention_<backend>_<tok
 
     python bench/bench_kernels.py --quick            # all of it, one table (the lead's H100 call)
     python bench/bench_kernels.py --sizes 32760 --only attention
-    pytest bench/bench_kernels.py --benchmark-only    # pytest-benchmark (skipped without CUDA)
+    pytest bench/ --benchmark-only -m quick -k 'kernel or attention'   # pytest-benchmark form
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke   # CPU plumbing check, tiny shapes
 """
 from __future__ import annotations
@@ -45,6 +45,14 @@ class Cfg:
     shapes = SHAPES
     warmup, iters = 5, 20
     device = "cuda"
+
+
+def smoke_cfg() -> Cfg:
+    """The CPU plumbing form (--smoke, bench/test_bench_quick.py): tiny shapes, Triton interpreter."""
+    cfg = Cfg()
+    cfg.C, cfg.H, cfg.D, cfg.shapes, cfg.device = 64, 2, 32, SMOKE_SHAPES, "cpu"
+    cfg.warmup, cfg.iters = 1, 1
+    return cfg
 
 
 def _maxdiff(a, b):
@@ -156,6 +164,7 @@ def case_audio_residual_add(cfg, L, Lv, Nf, dev):
 
     def ref():
         x[:, :Lv] += y.float()
+        return x
 
     return (lambda: ai.audio_residual_add(x, y), ref, Lv * cfg.C * (4 + 2 + 4))
 
@@ -227,26 +236,33 @@ ATTN_BACKENDS = tuple(b for b in ("triton", "cuda", "cudnn", "sdpa_flash", "flas
                       if b in attn_registry.available_attention_backends())
 
 
-def bench_attention(backend, L, cfg, Lk=None):
-    """Self-attention over L tokens ([1, L, H, D] bf16, q/k/v views of one QKV buffer as in the
-    model); Lk given: cross-attention with Lk keys."""
+def attention_case(backend, L, cfg, Lk=None):
+    """(name, fn, (q, k, v)) of one attention call: self-attention over L tokens ([1, L, H, D]
+    bf16, q/k/v views of one QKV buffer as in the model); Lk given: cross-attention with Lk keys.
+    Fresh random inputs, seeded by the shape."""
     torch.manual_seed(L + (Lk or 0))
     dev = cfg.device
     dt = torch.bfloat16 if dev == "cuda" else torch.float16
     if Lk is None:
         qkv = torch.randn(1, L, 3, cfg.H, cfg.D, device=dev).to(dt)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        lk, suffix = L, ""
+        suffix = ""
     else:
         q = torch.randn(1, L, cfg.H, cfg.D, device=dev).to(dt)
         k = torch.randn(1, Lk, cfg.H, cfg.D, device=dev).to(dt)
         v = torch.randn(1, Lk, cfg.H, cfg.D, device=dev).to(dt)
-        lk, suffix = Lk, f"_cross{Lk}"
-    name = f"attention_{backend}_{L}{suffix}"
+        suffix = f"_cross{Lk}"
     if backend == "triton":
         fn = lambda: fa.triton_attention(q, k, v)  # noqa: E731
     else:
         fn = (lambda f: (lambda: f(q, k, v)))(attn_registry._BACKENDS[backend])
+    return f"attention_{backend}_{L}{suffix}", fn, (q, k, v)
+
+
+def bench_attention(backend, L, cfg, Lk=None):
+    """One row of ``attention_case``: median ms, TFLOP/s, max abs diff against the Triton kernel."""
+    name, fn, (q, k, v) = attention_case(backend, L, cfg, Lk)
+    lk = k.shape[1]
     try:
         out = fn()
     except Exception as e:  # backend unavailable for this shape/GPU
@@ -321,8 +337,7 @@ def main(argv=None):
     if a.quick:
         cfg.warmup, cfg.iters = 2, 5
     if a.smoke:
-        cfg.C, cfg.H, cfg.D, cfg.shapes, cfg.device = 64, 2, 32, SMOKE_SHAPES, "cpu"
-        cfg.warmup, cfg.iters = 1, 1
+        cfg = smoke_cfg()
     elif not torch.cuda.is_available():
         print("needs a CUDA device (or --smoke)")
         return 2
@@ -335,50 +350,7 @@ def main(argv=None):
     return 0
 
 
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
-
-if pytest is not None and __name__ != "__main__":
-    pytestmark = [pytest.mark.gpu,
-                  pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-    _RECORDS: list = []
-
-    @pytest.fixture(scope="module", autouse=True)
-    def _write_results():
-        yield
-        if _RECORDS:
-            print("\nwrote", write_json(_RECORDS))
-
-    def _gpu_bench(benchmark, fn, rec):
-        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
-        benchmark.extra_info.update({k: v for k, v in rec.items() if isinstance(v, (int, float, str))})
-        _RECORDS.append(rec)
-
-    @pytest.mark.parametrize("L", list(SHAPES))
-    @pytest.mark.parametrize("op", list(KERNEL_CASES))
-    def test_kernel(benchmark, op, L):
-        cfg = Cfg()
-        rec = bench_kernel(op, L, cfg)
-        Lv, Nf = SHAPES[L]
-        fast, _, _ = KERNEL_CASES[op](cfg, L, Lv, Nf, "cuda")
-        _gpu_bench(benchmark, fast, rec)
-
-    @pytest.mark.parametrize("L", list(SHAPES))
-    @pytest.mark.parametrize("backend", ATTN_BACKENDS)
-    def test_attention(benchmark, backend, L):
-        cfg = Cfg()
-        rec = bench_attention(backend, L, cfg)
-        if "error" in rec:
-            pytest.skip(rec["error"])
-        qkv = torch.randn(1, L, 3, H, D, device="cuda").to(torch.bfloat16)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        fn = (lambda: fa.triton_attention(q, k, v)) if backend == "triton" else \
-            (lambda f: (lambda: f(q, k, v)))(attn_registry._BACKENDS[backend])
-        _gpu_bench(benchmark, fn, rec)
+# pytest-benchmark form: bench/test_bench_quick.py (test_kernel, test_attention) over the same cases.
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ realistic scale (so activations, norms and softmax behave like a trained model's
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -33,8 +34,13 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def build_random_dit(preset: str = "wan2.2-s2v-14b", device="cuda", dtype=torch.bfloat16,
-                     seed: int = 0) -> S2VTransformer:
+                     seed: int = 0, layers: int | None = None) -> S2VTransformer:
+    """``layers``: a section of the preset's full width with that many blocks, audio injected
+    after blocks 0, 2 and 3 (those below ``layers``), as bench/gpu_smoke.py's section."""
     cfg = DiTConfig.preset(preset)
+    if layers:
+        cfg = dataclasses.replace(cfg, num_layers=layers,
+                                  audio_inject_layers=tuple(i for i in (0, 2, 3) if i < layers))
     with torch.device("meta"):
         model = S2VTransformer(cfg)
     model = model.to_empty(device=device).to(dtype)
