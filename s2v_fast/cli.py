@@ -25,6 +25,7 @@ import traceback
 import warnings
 
 from .errors import InputError, S2VError
+from .options import env_options
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-S2V-14B"
 DEFAULT_PROMPT = "A person speaking naturally"
@@ -637,6 +638,11 @@ def _flags(parser) -> set:
 
 
 def main(argv=None) -> int:
+    try:  # a bad S2V_* variable: one line, before the parser (whose defaults come from them)
+        env_options()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

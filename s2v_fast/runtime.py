@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from .errors import InputError
+from .options import env_options
 
 PRECISIONS = ("fast", "reference")
 OFFLOAD_MODES = ("cpu", "layerwise")
@@ -23,9 +24,7 @@ _CUDA_ONLY_BACKENDS = ("cudnn", "sdpa_flash", "triton", "fp8")
 
 # ----------------------------------------------------------------------------- attention
 def default_attention_backend() -> str:
-    from .kernels.attention import ENV_VAR
-
-    return os.environ.get(ENV_VAR) or "auto"
+    return env_options().attention_backend
 
 
 def apply_attention_backend(name: str, device=None) -> str:

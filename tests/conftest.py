@@ -19,6 +19,38 @@ if not _HAS_CUDA:
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
+class _EnvOptionsMonkeyPatch(pytest.MonkeyPatch):
+    """pytest's monkeypatch, except that setting or deleting an ``S2V_*`` variable, and undoing it,
+    makes ``s2v_fast.options.env_options()`` read the environment again: the package reads it once
+    per process, and tests change it in-process."""
+
+    def setenv(self, name, value, prepend=None):
+        super().setenv(name, value, prepend)
+        self._forget(name)
+
+    def delenv(self, name, raising=True):
+        super().delenv(name, raising)
+        self._forget(name)
+
+    def undo(self):
+        super().undo()
+        self._forget("S2V_")
+
+    @staticmethod
+    def _forget(name):
+        if str(name).startswith("S2V_"):
+            from s2v_fast.options import reload_env_options
+
+            reload_env_options()
+
+
+@pytest.fixture
+def monkeypatch():
+    mp = _EnvOptionsMonkeyPatch()
+    yield mp
+    mp.undo()
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

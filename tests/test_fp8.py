@@ -22,6 +22,7 @@ import math
 import pytest
 import torch
 
+from s2v_fast.errors import InputError
 from s2v_fast.kernels import fp8_attention as fa8
 from s2v_fast.kernels import fp8_gemm as fg
 from s2v_fast.kernels.attention import get_attention_backend, set_attention_backend
@@ -219,7 +220,7 @@ def test_k_scale_setting(monkeypatch):
     monkeypatch.setenv("S2V_FP8_ATTN_K", "token")
     assert fa8.quantize_qkv(q, k, v, 0.125, "fp8")["ks"].shape == (1, 40)
     monkeypatch.setenv("S2V_FP8_ATTN_K", "block")
-    with pytest.raises(ValueError, match="S2V_FP8_ATTN_K='block'; use one of"):
+    with pytest.raises(InputError, match="^S2V_FP8_ATTN_K='block'; use one of channel, token$"):
         fa8.quantize_qkv(q, k, v, 0.125, "fp8")
     with pytest.raises(ValueError, match="k_scale='head'"):
         fa8.quantize_qkv(q, k, v, 0.125, "fp8", k_scale="head")

@@ -6,6 +6,9 @@ import os
 
 import torch
 
+from ..errors import InputError
+from ..options import env_options
+
 try:  # triton is optional at import time (the torch references must work without it)
     import triton
     import triton.language as tl
@@ -128,10 +131,20 @@ def row_norm_launch(C: int, element_size: int = 4):
         num_warps = 4
     else:
         num_warps = 2
-    env = os.environ.get("S2V_ROW_NUM_WARPS")
-    if env:
-        num_warps = int(env)
+    forced = env_options().kernels.row_num_warps
+    if forced is not None:
+        num_warps = forced
     return block_c, rows, num_warps
+
+
+def forced_config(configs: list, index, variable: str):
+    """``configs[index]`` for an ``S2V_*_CONFIG`` override (None when unset); an index past the
+    list is a one-line InputError (the options only know it is an integer >= 0)."""
+    if index is None:
+        return None
+    if index >= len(configs):
+        raise InputError(f"{variable}={index}; use 0..{len(configs) - 1} (an index of the list)")
+    return configs[index]
 
 
 def batch_stride(t: torch.Tensor, B: int) -> int:

@@ -27,16 +27,16 @@ Other modules may add backends with ``register_attention_backend(name, fn)``.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..options import ATTENTION_BACKENDS, env_options
 from ._utils import outputs_agree, shape_bucket
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ENV_VAR = "S2V_ATTENTION_BACKEND"
+ENV_VAR = "S2V_ATTENTION_BACKEND"  # its default (s2v_fast.options); benchmarks name it
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,9 +115,9 @@ if _cuda_backend_listed():
 AUTO_CANDIDATES = ("cudnn", "cuda", "triton", "flash_attn", "sdpa_flash")
 # Shapes below this many score entries (Lq * Lk per head) are cheap: auto uses plain SDPA.
 AUTO_MIN_SCORES = 1 << 22
-BACKEND_CHOICES = ("auto", "sdpa", "cudnn", "sdpa_flash", "triton", "cuda", "flash_attn", "fp8")
+BACKEND_CHOICES = ATTENTION_BACKENDS
 
-_current = os.environ.get(ENV_VAR, "auto") or "auto"
+_current = env_options().attention_backend
 _auto_choice: Dict[Tuple, str] = {}
 
 

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from ..options import env_options
+
 # Where the kernel sources are found (csrc_dir): the package's own s2v_fast/csrc/ (a wheel or
 # ``pip install .``: setup.py installs the checkout's top-level csrc/ there), else the checkout's
 # csrc/ next to the package (editable install, PYTHONPATH); $S2V_CSRC_DIR overrides both.
@@ -65,10 +67,9 @@ CSRC = next((d for d in CSRC_CANDIDATES if _has_sources(d)), CSRC_CANDIDATES[0])
 
 
 def csrc_dir() -> Path:
-    """The directory the kernel sources are compiled from: ``$S2V_CSRC_DIR`` when set (read at
-    each call), else ``CSRC`` (the installed package's ``s2v_fast/csrc``, else the checkout's
-    ``csrc/``)."""
-    return Path(os.environ.get("S2V_CSRC_DIR") or CSRC)
+    """The directory the kernel sources are compiled from: ``$S2V_CSRC_DIR`` when set, else
+    ``CSRC`` (the installed package's ``s2v_fast/csrc``, else the checkout's ``csrc/``)."""
+    return Path(env_options().csrc_dir or CSRC)
 
 
 def source_path(kernel: str = "bf16") -> Path:
@@ -96,7 +97,7 @@ def unavailable_reason() -> Optional[str]:
                 "use --attention-backend auto")
     missing = [p.name for p in map(source_path, KERNELS) if not p.is_file()]
     if missing:
-        env = os.environ.get("S2V_CSRC_DIR")
+        env = env_options().csrc_dir
         where = f"S2V_CSRC_DIR={env}" if env else " or ".join(map(str, CSRC_CANDIDATES))
         return (f"attention backend 'cuda' needs its CUDA sources, but {where} has no "
                 f"{', '.join(missing)}: reinstall s2v_fast (its wheel ships them in "
@@ -110,7 +111,7 @@ def unavailable_reason() -> Optional[str]:
 
 def _cache_dir() -> Path:
     """$S2V_FAST_CACHE/kernels (as the tiny model's cache: else $XDG_CACHE_HOME or ~/.cache)."""
-    root = os.environ.get("S2V_FAST_CACHE") or Path(
+    root = env_options().cache_dir or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2v_fast"
     return Path(root) / "kernels"
 

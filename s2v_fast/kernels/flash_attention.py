@@ -21,14 +21,15 @@ interpreter computes garbage for bf16 x bf16 `tl.dot`); fp32 inputs are accepted
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..options import env_options
 from ._utils import (
     dot_upcast,
     ensure_tma_allocator,
+    forced_config,
     has_tensor_descriptor,
     is_interpreter,
     kernels_usable,
@@ -208,9 +209,10 @@ def _launch(cfg, q, k, v, out, scale, bias=None):
 def _pick_config(q, k, v, out, scale, bias=None):
     B, Lq, H, D = q.shape
     tma_ok = _tma_ok(q, k, v, out)
-    forced = os.environ.get("S2V_FLASH_CONFIG")
+    tuning = env_options().kernels
+    forced = forced_config(FLASH_CONFIGS, tuning.flash_config, "S2V_FLASH_CONFIG")
     if forced is not None:
-        return FLASH_CONFIGS[int(forced)]
+        return forced
     key = (D, q.dtype, shape_bucket(Lq), shape_bucket(k.shape[1]), tma_ok, bias is not None)
     if key in _TUNED:
         return _TUNED[key]
@@ -219,7 +221,7 @@ def _pick_config(q, k, v, out, scale, bias=None):
         cands = [c for c in cands if not c.get("TMA")] or cands
         _TUNED[key] = cands[0]
         return cands[0]
-    tune = os.environ.get("S2V_FLASH_AUTOTUNE", "1") != "0"
+    tune = tuning.flash_autotune
     from triton.testing import do_bench
 
     best, best_t, baseline = None, float("inf"), None

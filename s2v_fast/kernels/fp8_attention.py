@@ -59,15 +59,16 @@ hand (see fp8_gemm.e4m3_round), so the kernel computes the same numbers as on th
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..options import FP8_K_SCALES, FP8_PV_MODES, env_options
 from ._utils import (
     dot_upcast,
     ensure_tma_allocator,
+    forced_config,
     has_tensor_descriptor,
     is_interpreter,
     kernels_usable,
@@ -83,10 +84,9 @@ from .fp8_gemm import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, _inv_and_scale, accuracy
 
 LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(FP8_MAX)
-PV_MODES = ("fp8", "bf16")
-DEFAULT_PV = "fp8"
-K_SCALES = ("channel", "token")  # K's scale granularity (module docstring, 2.)
-DEFAULT_K_SCALE = "channel"
+PV_MODES = FP8_PV_MODES  # ("fp8", "bf16"); default_pv(): the one S2V_FP8_ATTN_PV picks
+DEFAULT_PV = FP8_PV_MODES[0]
+K_SCALES = FP8_K_SCALES  # K's scale granularity (module docstring, 2.); default_k_scale()
 SUPPORTED_D = (64, 128)
 
 # Tuning list. TMA: Q/K (and transposed V) tiles through on-device tensor descriptors; PROMOTE:
@@ -108,7 +108,7 @@ FP8_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, PROMOTE=True),
 ]
 # self-attention only: fewer keys than this go to the bf16 `auto` choice (fp8_attention_backend)
-FP8_MIN_KEYS = int(os.environ.get("S2V_FP8_ATTN_MIN_KEYS", "4096"))
+FP8_MIN_KEYS = env_options().kernels.fp8_attn_min_keys  # S2V_FP8_ATTN_MIN_KEYS; tests patch it
 _STATS_CHUNK = 256  # rows per partial-sum program of the K-mean / V-amax pass
 
 if triton is not None:
@@ -469,17 +469,13 @@ def attention_fp32(q, k, v, softmax_scale=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- quantisation launch
 def default_k_scale() -> str:
-    mode = os.environ.get("S2V_FP8_ATTN_K", DEFAULT_K_SCALE)
-    if mode not in K_SCALES:
-        raise ValueError(f"S2V_FP8_ATTN_K={mode!r}; use one of {K_SCALES}")
-    return mode
+    """K's scale granularity when the caller gives none (``S2V_FP8_ATTN_K``, default "channel")."""
+    return env_options().kernels.fp8_attn_k
 
 
 def default_pv() -> str:
-    pv = os.environ.get("S2V_FP8_ATTN_PV", DEFAULT_PV)
-    if pv not in PV_MODES:
-        raise ValueError(f"S2V_FP8_ATTN_PV={pv!r}; use one of {PV_MODES}")
-    return pv
+    """P.V's precision when the caller gives none (``S2V_FP8_ATTN_PV``, default "fp8")."""
+    return env_options().kernels.fp8_attn_pv
 
 
 def _padded_len(L: int) -> int:
@@ -667,16 +663,20 @@ def _tune_key(q, v, pv):
 
 def tuned_config(q, v, pv: str = None):
     """The config the tuner picked for inputs like these (None before the first call)."""
-    forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
+    forced = _forced_config()
     if forced is not None:
-        return FP8_CONFIGS[int(forced)]
+        return forced
     return _TUNED.get(_tune_key(q, v, pv or default_pv()))
 
 
+def _forced_config():
+    return forced_config(FP8_CONFIGS, env_options().kernels.fp8_attn_config, "S2V_FP8_ATTN_CONFIG")
+
+
 def _pick_config(qz, v, out, pv):
-    forced = os.environ.get("S2V_FP8_ATTN_CONFIG")
+    forced = _forced_config()
     if forced is not None:
-        return FP8_CONFIGS[int(forced)]
+        return forced
     key = _tune_key(out, v, pv)
     if key in _TUNED:
         return _TUNED[key]
@@ -685,7 +685,7 @@ def _pick_config(qz, v, out, pv):
         cands = [(i, c) for i, c in cands if not c.get("TMA")] or cands
         _TUNED[key] = cands[0][1]
         return cands[0][1]
-    tune = os.environ.get("S2V_FP8_ATTN_AUTOTUNE", "1") != "0"
+    tune = env_options().kernels.fp8_attn_autotune
     from triton.testing import do_bench
 
     log = TUNE_LOG.setdefault(key, {})
@@ -760,7 +760,7 @@ def cuda_fp8_usable(q, k, v) -> bool:
     """Does the ``fp8`` backend run these inputs with the CUDA kernel (csrc/fp8_attention_sm90.cu)?
     Yes on sm_90 with nvcc, bf16 head dim 128, P.V in fp8, unless S2V_FP8_ATTN_IMPL=triton or the
     CUDA kernel failed before (``FALLBACKS["cuda"]``)."""
-    if os.environ.get("S2V_FP8_ATTN_IMPL", "auto") == "triton" or FALLBACKS.get("cuda") \
+    if env_options().kernels.fp8_attn_impl == "triton" or FALLBACKS.get("cuda") \
             or default_pv() != "fp8" or not q.is_cuda:
         return False
     if "ok" not in _CUDA_FP8:

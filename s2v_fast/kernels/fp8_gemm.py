@@ -22,11 +22,11 @@ Outputs that are coherent sums (trained weights aligned with their inputs) do be
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
+from ..options import env_options
 from ._utils import is_interpreter, kernels_usable, next_pow2, to_dtype, triton, tl
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -256,7 +256,7 @@ def scaled_mm_usable(a8: torch.Tensor, w8: torch.Tensor, out_dtype) -> bool:
     """Can ``torch._scaled_mm`` rowwise run this product (CUDA sm_89+/sm_90, bf16 out, K, N % 16)?"""
     if not (a8.is_cuda and w8.is_cuda) or not _SCALED_MM_STATE["ok"]:
         return False
-    if os.environ.get("S2V_FP8_GEMM_EMULATE", "0") not in ("", "0"):
+    if env_options().kernels.fp8_gemm_emulate:
         return False
     K, N = a8.shape[1], w8.shape[0]
     return out_dtype == torch.bfloat16 and K % 16 == 0 and N % 16 == 0 and \

@@ -26,7 +26,6 @@ changes is how it is executed:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -49,6 +48,7 @@ from ..kernels.gated_residual import (
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..kernels.rms_norm import rms_norm
+from ..options import env_options
 from ..profiling.ranges import trace_range
 from ..quantization import FP8Linear, gelu_linear, same_input_linears
 from .block import linear
@@ -106,7 +106,7 @@ def build_clip_cache(model, cond) -> ClipCache:
 # FFN up-projection + tanh-GELU in one cuBLASLt call (GELU applied to the fp32 accumulator in the
 # GEMM epilogue, then one bf16 rounding; the reference rounds before the GELU: <= 1 bf16 ulp of
 # the activation). S2V_GELU_EPILOGUE=0 keeps the separate GELU kernel.
-GELU_EPILOGUE = os.environ.get("S2V_GELU_EPILOGUE", "1") != "0"
+GELU_EPILOGUE = env_options().kernels.gelu_epilogue  # a module constant: benchmarks switch it
 
 
 def linear_gelu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:

@@ -22,12 +22,12 @@ S2V_FOLD_OUTPUT=0 turns both off.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
-FOLD_OUTPUT = os.environ.get("S2V_FOLD_OUTPUT", "1") != "0"
+from ..options import env_options
+
+FOLD_OUTPUT = env_options().kernels.fold_output  # a module constant: benchmarks switch it
 FOLD_MAX_FRACTION = 0.75
 
 

@@ -30,6 +30,8 @@ import tempfile
 
 import torch
 
+from ..options import env_options
+
 TINY_VERSION = "tiny-v2"
 TINY_LORA = "tiny_lora.safetensors"
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
@@ -38,7 +40,7 @@ _T5 = dict(vocab=256, d_model=64, heads=4, d_ff=128, layers=2, buckets=32)
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("S2V_FAST_CACHE") or os.path.join(
+    root = env_options().cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "s2v_fast")
     return os.path.join(root, TINY_VERSION)
 

@@ -29,11 +29,12 @@ ranges from real ops.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import torch
 import torch.autograd.profiler as _autograd_profiler
+
+from ..options import env_options
 
 __all__ = [
     "trace_range",
@@ -47,8 +48,7 @@ __all__ = [
 
 STAGE_PREFIX = "stage:"
 
-_NVTX_ENV = os.environ.get("S2V_NVTX", "").strip().lower() in ("1", "true", "yes", "on")
-_nvtx_state = {"on": _NVTX_ENV}
+_nvtx_state = {"on": env_options().nvtx}
 _names: set[str] = set()
 _names_lock = threading.Lock()
 _MAX_NAMES = 100_000
