@@ -77,6 +77,15 @@ def make_inputs(model: S2VTransformer, height: int, width: int, frames: int = 80
     )
 
 
+def step_fn(model: S2VTransformer, inp: dict):
+    """One CFG step as the pipeline runs it: conditions prepared once per clip (here, now), then
+    the returned callable runs ``forward_step`` (bench/test_bench_quick.py, test_bench_full.py)."""
+    x, t = inp["x"], inp["t"]
+    kw = {k: v for k, v in inp.items() if k not in ("x", "t")}
+    cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=x.shape[0], **kw)
+    return lambda: model.forward_step(x, t, cond)
+
+
 def token_count(height: int, width: int, frames: int = 80, motion: bool = True) -> int:
     th, tw = height // 16, width // 16
     lv = frames // 4 * th * tw

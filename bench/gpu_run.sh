@@ -18,8 +18,22 @@ if [ "${1:-}" != "--one" ] && [ -n "${S2V_CLOCK_LOG:-}" ]; then
     --format=csv -lms 250 > "$OUT/clocks_power.csv" 2>&1 &
   trap "kill $! 2>/dev/null" EXIT
 fi
+# the pytest-benchmark regression suite (bench/README.md): quick tier against the newest baseline
+# of this device kind in bench/baselines/<device>/ (if any), baseline refresh, full tier
+device_tag() { python3 -c "import sys; sys.path.insert(0, 'bench'); from results_io import device_tag; print(device_tag())"; }
+regress_commit() { echo "${S2V_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"; }
+pytest_bench() { python3 -m pytest bench/ -p no:cacheprovider -q -rs --benchmark-only ${REGRESS_K:+-k "$REGRESS_K"} \
+                   --benchmark-storage="file://$OUT/.benchmarks" --benchmark-columns=min,median,max,rounds "$@"; }
 stage() {
   case "$1" in
+    regress) dev=$(device_tag); base=${REGRESS_BASELINE:-$(ls bench/baselines/"$dev"/*.json 2>/dev/null | sort | tail -1)}
+             echo "device $dev; baseline ${base:-none (no comparison)}"
+             pytest_bench -m quick --benchmark-json="$OUT/regress-$dev.json" \
+               ${base:+--benchmark-compare=$base --benchmark-compare-fail=median:${REGRESS_FAIL:-7%}} ;;
+    regress_baseline) dev=$(device_tag); mkdir -p "$OUT/baselines/$dev"
+             pytest_bench -m quick --benchmark-json="$OUT/baselines/$dev/$(date +%Y%m%d)-$(regress_commit).json" ;;
+    regress_full) pytest_bench -m full \
+               --benchmark-json="$OUT/regress_full-$(device_tag)${REGRESS_K:+-${REGRESS_K//[^A-Za-z0-9]/_}}.json" ;;
     gpusmoke) python3 bench/gpu_smoke.py ;;
     streaming) python3 bench/bench_streaming.py --sizes 704x384 --modes bf16,fp8 --blocks 10 ;;
     streaming3) python3 bench/bench_streaming.py --sizes 704x384,720x400,448x832 --modes bf16,fp8 --blocks 9 --topic streaming_sizes ;;

@@ -44,7 +44,7 @@ import bench_kernels as bk
 import bench_streaming
 from bench_vae import random_vae
 from conftest import CUDA
-from dit_common import build_random_dit, make_inputs
+from dit_common import build_random_dit, make_inputs, step_fn
 from gpu_smoke import STREAM_BF16_BOUND
 
 from s2v_fast.kernels import attention as attn
@@ -171,14 +171,6 @@ def dit_section():
         torch.cuda.empty_cache()
 
 
-def _step_fn(model, inp):
-    """The pipeline's step: conditions prepared once per clip, then ``forward_step``."""
-    x, t = inp["x"], inp["t"]
-    kw = {k: v for k, v in inp.items() if k not in ("x", "t")}
-    cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=x.shape[0], **kw)
-    return lambda: model.forward_step(x, t, cond)
-
-
 @pytest.mark.parametrize("mode", ["reference", "fast", "fp8"])
 def test_dit_section(measure, check, dit_section, mode):
     model, inp, ref = dit_section["model"], dit_section["inp"], dit_section["ref"]
@@ -197,7 +189,7 @@ def test_dit_section(measure, check, dit_section, mode):
             quantize_dit(model, "fp8", attention=CUDA)  # fp8 attention is GPU-only in speed
             info["attention"] = attn.get_attention_backend()
         model.precision = "fast"
-        out = measure(_step_fn(model, inp), rounds=3, warmup_rounds=1, **info)
+        out = measure(step_fn(model, inp), rounds=3, warmup_rounds=1, **info)
         rel, cos = (1e-2, 0.9999) if mode == "fast" else (0.10, 0.995)
         check(out.float(), ref, rel, cos, against="reference")
     finally:

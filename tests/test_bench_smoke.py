@@ -34,3 +34,19 @@ def test_bench_streaming_cpu_form(capsys):
     assert bench_streaming.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "64x64 bf16:" in out and "64x64 fp8:" in out and "cos " in out, out
+
+
+def test_bench_regression_suite_cpu_form():
+    """``pytest bench/ --benchmark-disable -m "not full"``: every benchmark of the pytest-benchmark
+    regression suite (bench/test_bench_quick.py) runs its CPU smoke form (tiny shapes, Triton
+    interpreter) and its accuracy bound, so the suite cannot rot; the full tier skips (GPU only).
+    CUDA is hidden from the child so a GPU machine runs the smoke forms too (~30 s on 2 cores)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-disable", "-q",
+                        "-m", "not full", "-p", "no:cacheprovider"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-2000:]
