@@ -29,7 +29,8 @@ def test_fast_path_reproduces_golden_fp32():
         assert rel_err(out, exp) <= 1e-5, case
 
 
-def _bf16_inputs(cfg, B=2, F=2, lh=8, lw=8, seed=0):
+def _bf16_inputs(cfg, B=2, F=1, lh=8, lw=8, seed=0):
+    # one latent frame, 8x8 latents: the Triton interpreter's cost grows with the rows it runs
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
     audio = r(B, 25, cfg.audio_dim, 4 * F).bfloat16()
