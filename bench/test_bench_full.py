@@ -1,4 +1,4 @@
-"""Full tier (``-m full``, GPU only, ~15-20 min on an H100: run it in pieces, bench/README.md).
+"""Full tier (``-m full``, GPU only; estimated 8-12 min on an H100, not yet run: run it in pieces).
 
 The same drivers and checks as the quick tier (test_bench_quick.py, whose CPU smoke forms cover
 these code paths: the step, quantize_dit, run_stream), at the sizes the README's headline
