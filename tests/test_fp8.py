@@ -25,7 +25,9 @@ import torch
 from s2v_fast.errors import InputError
 from s2v_fast.kernels import fp8_attention as fa8
 from s2v_fast.kernels import fp8_gemm as fg
+from s2v_fast.kernels import fp8_quant as fq
 from s2v_fast.kernels.attention import get_attention_backend, set_attention_backend
+from s2v_fast.testing.attention_inputs import make_realistic_qkv
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -130,10 +132,10 @@ def test_attention_quantisers_bit_exact(k_scale):
     scales on, or per token with fp16 scales relative to the head's power of two k_pow; Q per
     token; V per channel transposed) vs torch."""
     B, L, H, D = 2, 77, 3, 64
-    q, k, v = fa8.make_realistic_qkv(B, L, H, D, seed=4)
+    q, k, v = make_realistic_qkv(B, L, H, D, seed=4)
     scale = 1 / math.sqrt(D)
     qz = fa8.quantize_qkv(q, k, v, scale, "fp8", use_kernels=True, k_scale=k_scale)
-    assert torch.allclose(qz["km"], fa8.k_mean_reference(k), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(qz["km"], fq.k_mean_reference(k), rtol=1e-5, atol=1e-5)
     k8, ks, _, qf = fa8.quantize_k_reference(k, qz["km"], k_scale)
     v8, vs = fa8.quantize_v_reference(v)
     if k_scale == "token":
@@ -162,7 +164,7 @@ def test_fp8_attention_kernel_matches_emulation(B, Lq, Lk, H, D, pv, cfg, k_scal
     fp32 in/out: only accumulation order differs (measured ~1e-6); bf16 out: + output rounding."""
     config = fa8.FP8_CONFIGS[cfg]
     bn = config["BLOCK_N"]
-    q, k, v = fa8.make_realistic_qkv(B, Lq, H, D, Lk, seed=Lq, dtype=torch.float32)
+    q, k, v = make_realistic_qkv(B, Lq, H, D, Lk, seed=Lq, dtype=torch.float32)
     got = fa8.fp8_attention(q, k, v, pv=pv, config=config, k_scale=k_scale)
     qz = fa8.quantize_qkv(q, k, v, 1 / math.sqrt(D), pv, k_scale=k_scale)
     exp = fa8.fp8_attention_reference(q, k, v, pv=pv, k_mean=qz["km"], block_n=bn, k_scale=k_scale,
@@ -184,7 +186,7 @@ def test_fp8_attention_emulation_accuracy_realistic(seed, k_scale):
     "channel" (the faster default): 0.99968 / 2.79 %, 0.99960 / 3.17 %, 0.99965 / 3.14 %: the 3 %
     target is missed by up to 0.17 points, so its bound is 3.5 %. pv=bf16 ~0.1-0.2 points better.
     Without K centring (keys carry a common offset of 4x their RMS) the error is 9-11 %."""
-    q, k, v = fa8.make_realistic_qkv(1, 2048, 2, 128, seed=seed)
+    q, k, v = make_realistic_qkv(1, 2048, 2, 128, seed=seed)
     ref = fa8.attention_fp32(q, k, v)
     res = {pv: fa8.accuracy(fa8.fp8_attention_reference(q, k, v, pv=pv, out_dtype=torch.float32,
                                                         k_scale=k_scale), ref)
@@ -207,7 +209,7 @@ def test_fp8_attention_emulation_accuracy_cross(seed, k_scale):
     seed 2 0.99969 / 0.99967, 2.80 / 2.85 %. The cosine target holds; the 3 % rel-L2 target is
     exceeded when an outlier channel of q meets one of k (seed 1: the logits are then dominated by
     a few fp8 products). Bound: cos >= 0.999, rel <= 5 %."""
-    q, k, v = fa8.make_realistic_qkv(1, 1024, 2, 128, 512, seed=seed)
+    q, k, v = make_realistic_qkv(1, 1024, 2, 128, 512, seed=seed)
     acc = fa8.accuracy(fa8.fp8_attention_reference(q, k, v, out_dtype=torch.float32, k_scale=k_scale),
                        fa8.attention_fp32(q, k, v))
     assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.05, acc
@@ -215,7 +217,7 @@ def test_fp8_attention_emulation_accuracy_cross(seed, k_scale):
 
 def test_k_scale_setting(monkeypatch):
     """S2V_FP8_ATTN_K picks K's scale granularity; a bad value is a one-line error naming it."""
-    q, k, v = fa8.make_realistic_qkv(1, 40, 1, 64, seed=3)
+    q, k, v = make_realistic_qkv(1, 40, 1, 64, seed=3)
     assert fa8.default_k_scale() == "channel" and fa8.quantize_qkv(q, k, v, 0.125, "fp8")["ks"] is None
     monkeypatch.setenv("S2V_FP8_ATTN_K", "token")
     assert fa8.quantize_qkv(q, k, v, 0.125, "fp8")["ks"].shape == (1, 40)
@@ -231,7 +233,7 @@ def test_fp8_attention_backend_registered(monkeypatch):
 
     assert "fp8" in available_attention_backends()
     monkeypatch.setattr(fa8, "FP8_MIN_KEYS", 48)
-    q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, 64, seed=2)
+    q, k, v = make_realistic_qkv(1, 40, 2, 64, 64, seed=2)
     with attention_backend("fp8"):
         got = attention(q, k, v)  # 64 keys >= FP8_MIN_KEYS: the fp8 kernel
         short = attention(q, k[:, :40], v[:, :40])  # 40 keys: bf16 `auto` (sdpa on the CPU)
@@ -345,7 +347,7 @@ def test_gpu_fp8_attention(pv, L, Lk):
     """Hopper kernel vs emulation (same quantisation: expect ~bf16-output-rounding agreement, up
     to the fp8 MMA's accumulation) and vs fp32 (issue targets; logit std 2; the unstructured
     cross-attention case gets the CPU-measured 5 % bound, see test_fp8_attention_emulation_accuracy_cross)."""
-    q, k, v = fa8.make_realistic_qkv(2, L, 8, 128, Lk, seed=L, device="cuda")
+    q, k, v = make_realistic_qkv(2, L, 8, 128, Lk, seed=L, device="cuda")
     got = fa8.fp8_attention(q, k, v, pv=pv)
     cfg = fa8.tuned_config(q, v, pv)
     emu = fa8.fp8_attention_reference(q, k, v, pv=pv, block_n=cfg["BLOCK_N"], out_dtype=torch.float32,
@@ -362,7 +364,7 @@ def test_gpu_fp8_attention(pv, L, Lk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("idx", range(len(fa8.FP8_CONFIGS)))
 def test_gpu_fp8_attention_configs(idx):
-    q, k, v = fa8.make_realistic_qkv(1, 1000, 4, 128, seed=idx, device="cuda")
+    q, k, v = make_realistic_qkv(1, 1000, 4, 128, seed=idx, device="cuda")
     try:
         got = fa8.fp8_attention(q, k, v, config=fa8.FP8_CONFIGS[idx])
     except Exception as e:  # a config this triton cannot compile is skipped by the tuner
@@ -378,7 +380,7 @@ def test_gpu_quantisers_and_gemm():
     y, s = fg.quantize_rows(x)
     yr, sr = fg.quantize_rows_reference(x)
     assert torch.equal(_bits(y), _bits(yr)) and torch.equal(s, sr)
-    q, k, v = fa8.make_realistic_qkv(2, 999, 4, 128, seed=5, device="cuda")
+    q, k, v = make_realistic_qkv(2, 999, 4, 128, seed=5, device="cuda")
     fa8.FALLBACKS.pop("quantize", None)
     qz = fa8.quantize_qkv(q, k, v, 1 / math.sqrt(128), "fp8")
     assert "quantize" not in fa8.FALLBACKS, fa8.FALLBACKS  # the Triton kernels ran, not the torch path

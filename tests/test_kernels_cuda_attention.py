@@ -184,15 +184,17 @@ def test_build_caches_and_reports_nvcc_errors(tmp_path, monkeypatch):
 # --------------------------------------------------------------------- FP8 kernel
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
+from s2v_fast.kernels import fp8_quant as fq  # noqa: E402
+from s2v_fast.testing.attention_inputs import make_realistic_qkv  # noqa: E402
 
 
 def test_ks_layout_gives_each_thread_contiguous_scales():
     """Thread t of a quad reads the scales of its score columns 8i + 2t + b (storage rows of a
     128-key tile, i = 0..15, b = 0, 1) as 32 contiguous fp16 values starting at 32t."""
     n = torch.arange(256)
-    pos = fa8.ks_cuda_index(n)
+    pos = fq.ks_cuda_index(n)
     assert sorted(pos.tolist()) == n.tolist() and torch.equal(pos // 128, n // 128)
-    row = fa8.perm32_rows(n)
+    row = fq.perm32_rows(n)
     for t in range(4):
         keys = [int(torch.nonzero(row == 128 + 8 * i + 2 * t + b)) for i in range(16) for b in (0, 1)]
         assert pos[keys].tolist() == list(range(128 + 32 * t, 128 + 32 * t + 32))
@@ -200,7 +202,7 @@ def test_ks_layout_gives_each_thread_contiguous_scales():
 
 def test_perm32_layout_is_a_permutation_within_groups():
     n = torch.arange(96)
-    rows = fa8.perm32_rows(n)
+    rows = fq.perm32_rows(n)
     assert sorted(rows.tolist()) == n.tolist() and torch.equal(rows // 32, n // 32)
     # the fragment rule the CUDA kernel relies on: key 16h + 4t + 2c + b at row 16h + 8c + 2t + b
     for h in (0, 1):
@@ -214,14 +216,14 @@ def test_perm32_layout_is_a_permutation_within_groups():
 @pytest.mark.parametrize("k_scale", fa8.K_SCALES)
 @pytest.mark.parametrize("Lk", [64, 77])
 def test_permuted_k_quantisation_kernel_matches_torch(Lk, k_scale):
-    q, k, v = fa8.make_realistic_qkv(1, 40, 2, 64, Lk, seed=Lk)
+    q, k, v = make_realistic_qkv(1, 40, 2, 64, Lk, seed=Lk)
     got, exp, plain = (fa8.quantize_qkv(q, k, v, 0.125, "fp8", use_kernels=uk, k_perm32=perm, k_scale=k_scale)
                        for uk, perm in ((True, True), (False, True), (False, False)))
     lkp = -(-Lk // 32) * 32
     assert got["Lkp"] == exp["Lkp"] == lkp and got["k8"].shape == (2, lkp, 64)
     assert torch.equal(got["k8"].view(torch.uint8), exp["k8"].view(torch.uint8))
     n = torch.arange(Lk)
-    rows, kpos = fa8.perm32_rows(n), fa8.ks_cuda_index(n)
+    rows, kpos = fq.perm32_rows(n), fq.ks_cuda_index(n)
     assert torch.equal(got["k8"].view(torch.uint8)[:, rows], plain["k8"].view(torch.uint8))
     unused = torch.ones(lkp, dtype=torch.bool)
     unused[rows] = False
@@ -248,7 +250,7 @@ def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H, k_scale):
     exp2 approximation, P's e4m3 rounding of those values and accumulation order (measured on the
     Triton kernel: ~bf16 output rounding). Bound as test_fp8.test_gpu_fp8_attention: rel L2 1e-2.
     Both K scale granularities (the two kernel instantiations)."""
-    q, k, v = fa8.make_realistic_qkv(B, Lq, H, 128, Lk, seed=Lq + Lk, device="cuda")
+    q, k, v = make_realistic_qkv(B, Lq, H, 128, Lk, seed=Lq + Lk, device="cuda")
     got = ca.cuda_fp8_attention(q, k, v, k_scale=k_scale)
     emu = fa8.fp8_attention_reference(q, k, v, pv="fp8", block_n=128, out_dtype=torch.float32, k_scale=k_scale)
     acc = fg.accuracy(got, emu)
@@ -262,7 +264,7 @@ def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H, k_scale):
 @needs_kernel
 @pytest.mark.gpu
 def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
-    q, k, v = fa8.make_realistic_qkv(1, 4096, 2, 128, seed=1, device="cuda")
+    q, k, v = make_realistic_qkv(1, 4096, 2, 128, seed=1, device="cuda")
     assert fa8.cuda_fp8_usable(q, k, v)
     with attn.attention_backend("fp8"):
         out = attn.attention(q, k, v)

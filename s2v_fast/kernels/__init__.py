@@ -1,6 +1,3 @@
-# The FP8 attention module registers attention backend "fp8" when imported (opt-in: never
-# picked by "auto"); import it here so the backend name is always known.
-try:
-    from . import fp8_attention as _fp8_attention  # noqa: F401
-except Exception:  # pragma: no cover - e.g. a torch without float8 dtypes
-    pass
+# The dispatcher registers every attention backend (``fp8`` included) when imported; import it
+# here so that the backend table is complete whichever kernel module is imported first.
+from . import attention as _attention  # noqa: F401

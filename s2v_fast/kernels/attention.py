@@ -1,4 +1,4 @@
-"""The single attention entry point of the DiT, and its backends.
+"""The single attention entry point of the DiT (the dispatcher), and the table of its backends.
 
 ``attention(q, k, v)``: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
 Dense, unmasked, non-causal softmax attention with scale 1/sqrt(D) (spec §4.10, §10.6). Every
@@ -22,38 +22,34 @@ Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
   candidate (cuDNN always among them) on the real inputs and keeps the fastest whose output
   agrees with cuDNN; so ``auto`` is never slower than cuDNN SDPA. On CPU it is ``sdpa``.
 
-Other modules may add backends with ``register_attention_backend(name, fn)``.
+This module imports the backends and registers them (``registry.py``; other modules may add
+backends with ``register_attention_backend(name, fn)``); the backends import the registry, the
+SDPA functions (``sdpa.py``) and the ``auto`` resolver (``auto.py``), never this module.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..options import ATTENTION_BACKENDS, env_options
-from ._utils import outputs_agree, shape_bucket
+from .auto import AUTO_CANDIDATES, AUTO_MIN_SCORES, auto_choices, resolve_auto  # noqa: F401 (API)
+from .registry import (  # noqa: F401 (API: register_attention_backend, _BACKENDS for benchmarks)
+    _BACKENDS,
+    AttentionFn,
+    attention_backend_fn,
+    register_attention_backend,
+    registered_attention_backends,
+)
+from .sdpa import cudnn_attention, sdpa_attention, sdpa_flash_attention
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+try:  # opt-in, never picked by `auto`; absent on a torch without float8 dtypes
+    from .fp8_attention import fp8_attention_backend
+except Exception:  # pragma: no cover
+    fp8_attention_backend = None
+
 ENV_VAR = "S2V_ATTENTION_BACKEND"  # its default (s2v_fast.options); benchmarks name it
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch scaled_dot_product_attention over [B, L, H, D] tensors."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def _sdpa_only(backend_name: str) -> AttentionFn:
-    def run(q, k, v):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([getattr(SDPBackend, backend_name)]):
-            return sdpa_attention(q, k, v)
-
-    run.__name__ = f"sdpa_{backend_name.lower()}"
-    return run
 
 
 def triton_backend(q, k, v):
@@ -98,36 +94,26 @@ def _flash_attn_fn() -> Optional[AttentionFn]:
         return None
 
 
-_BACKENDS: Dict[str, AttentionFn] = {
-    "sdpa": sdpa_attention,
-    "cudnn": _sdpa_only("CUDNN_ATTENTION"),
-    "sdpa_flash": _sdpa_only("FLASH_ATTENTION"),
-    "triton": triton_backend,
-}
+register_attention_backend("sdpa", sdpa_attention)
+register_attention_backend("cudnn", cudnn_attention)
+register_attention_backend("sdpa_flash", sdpa_flash_attention)
+register_attention_backend("triton", triton_backend)
 _fa = _flash_attn_fn()
 if _fa is not None:
-    _BACKENDS["flash_attn"] = _fa
+    register_attention_backend("flash_attn", _fa)
 del _fa
 if _cuda_backend_listed():
-    _BACKENDS["cuda"] = cuda_backend
+    register_attention_backend("cuda", cuda_backend)
+if fp8_attention_backend is not None:
+    register_attention_backend("fp8", fp8_attention_backend)
 
-# Candidates `auto` times on CUDA, cuDNN first (the reference every other output is checked against).
-AUTO_CANDIDATES = ("cudnn", "cuda", "triton", "flash_attn", "sdpa_flash")
-# Shapes below this many score entries (Lq * Lk per head) are cheap: auto uses plain SDPA.
-AUTO_MIN_SCORES = 1 << 22
 BACKEND_CHOICES = ATTENTION_BACKENDS
 
 _current = env_options().attention_backend
-_auto_choice: Dict[Tuple, str] = {}
-
-
-def register_attention_backend(name: str, fn: AttentionFn) -> None:
-    """Add (or replace) a backend with the ``attention`` contract."""
-    _BACKENDS[name] = fn
 
 
 def available_attention_backends() -> list:
-    return ["auto"] + sorted(_BACKENDS)
+    return ["auto"] + registered_attention_backends()
 
 
 def check_attention_backend(name: str) -> str:
@@ -138,7 +124,7 @@ def check_attention_backend(name: str) -> str:
         reason = unavailable_reason()
         if reason is not None:
             raise ValueError(reason)
-    if name == "auto" or name in _BACKENDS:
+    if name == "auto" or attention_backend_fn(name) is not None:
         return name
     if name == "flash_attn":
         raise ValueError("attention backend 'flash_attn' needs the flash-attn package "
@@ -167,62 +153,12 @@ def attention_backend(name: str):
         _current = prev
 
 
-def _auto_key(q, k) -> Tuple:
-    return (q.device.index, q.dtype, q.shape[0], q.shape[2], q.shape[3], shape_bucket(q.shape[1]),
-            shape_bucket(k.shape[1]))
-
-
-def _time_backend(fn, q, k, v, iters: int = 3) -> float:
-    fn(q, k, v)  # warm-up (compiles / tunes)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn(q, k, v)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def resolve_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """The backend ``auto`` uses for these inputs (times the candidates on first sight)."""
-    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
-        return "sdpa"
-    if q.shape[1] * k.shape[1] < AUTO_MIN_SCORES or torch.cuda.is_current_stream_capturing():
-        return _auto_choice.get(_auto_key(q, k), "sdpa")
-    key = _auto_key(q, k)
-    choice = _auto_choice.get(key)
-    if choice is not None:
-        return choice
-    timings, ref = {}, None
-    for name in AUTO_CANDIDATES:
-        fn = _BACKENDS.get(name)
-        if fn is None:
-            continue
-        try:
-            out = fn(q, k, v)
-            if ref is None:
-                ref = out
-            elif not outputs_agree(out, ref):
-                continue
-            timings[name] = _time_backend(fn, q, k, v)
-        except Exception:  # not supported for this shape / GPU
-            continue
-    choice = min(timings, key=timings.get) if timings else "sdpa"
-    _auto_choice[key] = choice
-    return choice
-
-
-def auto_choices() -> Dict[Tuple, str]:
-    """What ``auto`` picked so far, per shape class (for logs and benchmarks)."""
-    return dict(_auto_choice)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Dense softmax attention, q [B,Lq,H,D], k/v [B,Lk,H,D] -> [B,Lq,H,D]."""
     name = _current
     if name == "auto":
         name = resolve_auto(q, k, v)
-    fn = _BACKENDS.get(name)
+    fn = attention_backend_fn(name)
     if fn is None:  # e.g. a bad S2V_ATTENTION_BACKEND value
         check_attention_backend(name)
     return fn(q, k, v)

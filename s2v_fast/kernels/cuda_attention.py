@@ -7,7 +7,7 @@ with head dim 128 on sm_90 (H100/H200). The kernel uses what Triton 3.6 does not
 producer warpgroup and two consumer warpgroups whose softmax overlaps their asynchronous wgmma.
 
 The FP8 kernel computes ``fp8_attention``'s numbers (its torch emulation is the reference) from
-``fp8_attention.quantize_qkv(..., k_perm32=True)``.
+``fp8_quant.quantize_qkv(..., k_perm32=True)``.
 
 The sources are compiled with ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``) on
 first use into ``$S2V_FAST_CACHE/kernels`` (default ``~/.cache/s2v_fast/kernels``), keyed by a hash
@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..options import env_options
+from .sdpa import cudnn_attention, sdpa_scaled
 
 # Where the kernel sources are found (csrc_dir): the package's own s2v_fast/csrc/ (a wheel or
 # ``pip install .``: setup.py installs the checkout's top-level csrc/ there), else the checkout's
@@ -195,9 +196,7 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if not supports(q, k, v) or B * H * Lq == 0 or Lk == 0:
-        from .attention import _BACKENDS
-
-        return _BACKENDS["cudnn"](q, k, v) if softmax_scale is None else _sdpa_scaled(q, k, v, scale)
+        return cudnn_attention(q, k, v) if softmax_scale is None else sdpa_scaled(q, k, v, scale)
     fn = _load("bf16", tuple(defines))
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
@@ -214,17 +213,17 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        quantized: Optional[dict] = None, k_scale: Optional[str] = None) -> torch.Tensor:
     """FP8 attention (``fp8_attention``'s numerics, P.V in fp8) with the CUDA kernel: q [B, Lq, H,
     128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``k_scale``: "channel" or "token"
-    (default ``fp8_attention.default_k_scale()``): the kernel runs without or with per-key
+    (default ``fp8_quant.default_k_scale()``): the kernel runs without or with per-key
     scales. ``quantized``: the output of ``quantize_qkv(..., "fp8", k_perm32=True)``
     (benchmarks timing the kernel alone; its own k_scale then applies)."""
-    from . import fp8_attention as fa8
+    from .fp8_quant import quantize_qkv  # here: fp8_quant needs torch's float8 dtypes
 
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if not supports(q, k, v):
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
-    qz = quantized if quantized is not None else fa8.quantize_qkv(
+    qz = quantized if quantized is not None else quantize_qkv(
         q, k, v, scale, "fp8", use_kernels=True, k_perm32=True, k_scale=k_scale)
     if qz.get("Lkp", 0) % 32:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
@@ -240,10 +239,3 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check(err, "cuda fp8 attention")
     return out
 
-
-def _sdpa_scaled(q, k, v, scale):
-    import torch.nn.functional as F
-
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         scale=scale)
-    return out.transpose(1, 2)
