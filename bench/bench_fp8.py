@@ -180,6 +180,9 @@ def run_attention(cfg, recs):
         idx = next((i for i, c in enumerate(fa8.FP8_CONFIGS) if c == winner), None)
         if idx is not None:
             os.environ["S2V_FP8_ATTN_CONFIG"] = str(idx)  # also for the DiT section
+            from s2v_fast.options import reload_env_options
+
+            reload_env_options()  # the options are read once per process
     recs.append(bench_attention_bf16(cfg, L0))
     _print(recs[-1:])
     recs.append(bench_attention_fp8(cfg, L0, pv="bf16", config=winner))

@@ -607,18 +607,6 @@ class S2VPipeline:
         with self._on_device("vae"):
             return self.vae.decode(latents.to(self.device, torch.float32))
 
-    def zero_motion_latents(self, height: int, width: int) -> torch.Tensor:
-        """VAE encode of the all-zero 73-frame motion buffer, cached per size (it depends on
-        nothing else; identical numbers, one 73-frame VAE encode less per generation)."""
-        key = (height, width, str(self.device), id(self.vae), getattr(self.vae, "use_tiling", False),
-               getattr(self.vae, "tile_sample_min_height", None), getattr(self.vae, "tile_sample_min_width", None))
-        cache = self.__dict__.setdefault("_zero_motion_cache", {})
-        if key not in cache:
-            cache.clear()
-            zeros = torch.zeros(1, 3, MOTION_FRAMES, height, width, device=self.device, dtype=torch.float32)
-            cache[key] = self.vae_encode(zeros)
-        return cache[key]
-
     def make_scheduler(self, sample_solver: str, num_inference_steps: int, flow_shift: float):
         """A fresh scheduler per clip (shift=1 at construction, flow shift at set_timesteps; §8.5)."""
         from .schedulers import make_scheduler
@@ -698,7 +686,10 @@ class S2VPipeline:
                 motion_buffer[:, :, -INIT_FIRST_FRAME_COPIES:] = ref_pixels.to(self.dtype).float()
                 motion_latents = self.vae_encode(motion_buffer)
             else:
-                motion_latents = self.zero_motion_latents(height, width)
+                # The reference encodes the all-zero buffer here, but clip 0 drops the motion
+                # frames (the DiT never reads them, the decode starts from the reference latent)
+                # and clip 1 re-encodes the buffer: that 73-frame encode is never observed.
+                motion_latents = None
 
         for r in range(num_clips):
             with _trace_range(f"clip{r}"):

@@ -42,7 +42,8 @@ class SpyDiT(torch.nn.Module):
     def forward(self, x, t, context, ref_latents, motion_latents, cond_states, audio_input,
                 drop_motion_frames=False):
         self.calls.append(dict(x=x.clone(), t=t.clone(), context=[c.clone() for c in context],
-                               ref=ref_latents.clone(), motion=motion_latents.clone(),
+                               ref=ref_latents.clone(),
+                               motion=None if motion_latents is None else motion_latents.clone(),
                                cond=cond_states, audio=audio_input.clone(), drop=drop_motion_frames))
         return torch.zeros((len(context), *x.shape[1:]), dtype=torch.float32)  # one row per branch
 
@@ -73,9 +74,9 @@ def run(init_first_frame=False, cfg_batch=True, guidance=4.5, num_clips=3):
 def test_default_motion_drop_and_trim():
     pipe, vae, dit, out, ctx, ctx_neg = run()
     assert out.num_clips == 3
-    # encodes: reference, zero motion buffer, motion after clip 0, after clip 1 (none after the last)
-    assert [e.shape[2] for e in vae.encodes] == [1, 73, 73, 73]
-    assert torch.count_nonzero(vae.encodes[1]) == 0
+    # encodes: reference, motion after clip 0, after clip 1 (none after the last; the
+    # reference's encode of the zero buffer for clip 0 is skipped: clip 0 drops its motion)
+    assert [e.shape[2] for e in vae.encodes] == [1, 73, 73]
     ref_lat = torch.full((1, 16, 1, 8, 8), 100.0)
 
     # clip 0: decode [ref latent, 2 new latents] -> 9 frames, keep last 8, drop 3 -> frames 4..8
@@ -83,20 +84,20 @@ def test_default_motion_drop_and_trim():
     assert torch.equal(vae.decodes[0][:, :, :1], ref_lat)
     clip0 = frames_of(0, range(4, 9))
     # motion window after clip 0: 68 zero frames then the 5 frames of clip 0
-    m1 = vae.encodes[2]
+    m1 = vae.encodes[1]
     assert torch.count_nonzero(m1[:, :, :68]) == 0
     assert frame_values(m1[:, :, 68:]) == clip0
 
-    # clip 1: decode [19 motion latents of encode #3, 2 new] -> 81 frames, keep the last 8
+    # clip 1: decode [19 motion latents of encode #2, 2 new] -> 81 frames, keep the last 8
     assert vae.decodes[1].shape[2] == 19 + NF // 4
-    assert torch.all(vae.decodes[1][:, :, :19] == 300.0)
+    assert torch.all(vae.decodes[1][:, :, :19] == 200.0)
     clip1 = frames_of(1, range(73, 81))
-    m2 = vae.encodes[3]
+    m2 = vae.encodes[2]
     assert torch.count_nonzero(m2[:, :, :60]) == 0
     assert frame_values(m2[:, :, 60:]) == clip0 + clip1
 
-    # clip 2 uses encode #4
-    assert torch.all(vae.decodes[2][:, :, :19] == 400.0)
+    # clip 2 uses encode #3
+    assert torch.all(vae.decodes[2][:, :, :19] == 300.0)
     clip2 = frames_of(2, range(73, 81))
 
     assert out.num_frames == frames_for_clips(3, NF, True) == 5 + 8 + 8
@@ -109,7 +110,10 @@ def test_default_motion_drop_and_trim():
         for c in dit.calls[r * STEPS:(r + 1) * STEPS]:
             assert c["x"].shape[0] == 1 and c["t"].numel() == 1 and len(c["context"]) == 2
             assert c["drop"] == (r == 0)
-            assert torch.all(c["motion"] == [200.0, 300.0, 400.0][r]) and c["motion"].shape[0] == 1
+            if r == 0:
+                assert c["motion"] is None  # dropped: never computed
+            else:
+                assert torch.all(c["motion"] == [200.0, 300.0][r - 1]) and c["motion"].shape[0] == 1
             assert torch.equal(c["ref"], ref_lat)
             assert c["cond"] is None  # no pose: zero condition
             assert torch.equal(c["context"][0], ctx) and torch.equal(c["context"][1], ctx_neg)
