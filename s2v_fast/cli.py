@@ -152,6 +152,12 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
                    help="flow-matching schedule shift, > 0 (default: 3.0)")
     g.add_argument("--sample-solver", choices=["unipc", "dpm++", "euler"], default=None,
                    help="sampler (default: unipc; liveavatar: euler, its only sampler)")
+    g.add_argument("--step-pipeline", action="store_true",
+                   help="liveavatar only, under torchrun: rank i runs denoising step i of every "
+                        "block and hands the latents on (LiveAvatar's timestep-forcing pipeline); "
+                        "needs --nproc-per-node = the steps (4), +1 with --decode-rank")
+    g.add_argument("--decode-rank", action="store_true",
+                   help="with --step-pipeline: one more rank that only decodes and writes the MP4")
     g.add_argument("--sink", choices=["realtime", "offline"], default="realtime",
                    help="liveavatar only: realtime = upstream's real-time path (reference latent "
                         "from a 1-frame encode, replaced by the first generated latent from clip 2 "
@@ -215,6 +221,14 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def writes_output(args) -> bool:
+    """The rank that writes the MP4 (and prints the summary): rank 0, or with --step-pipeline
+    the last rank (the last DiT rank, or the decode rank), which has the final latents."""
+    if getattr(args, "step_pipeline", False):
+        return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    return is_rank_zero()
+
+
 class ProgressDisplay:
     """One tqdm bar over all denoising steps of all clips (with ETA); rank 0 only."""
 
@@ -259,8 +273,8 @@ class ProgressDisplay:
 class StreamingProgress:
     """A tqdm bar over the blocks of the streaming mode, with frames/s and time to first frame."""
 
-    def __init__(self, enabled: bool = True, stream=None):
-        self.enabled = enabled and is_rank_zero()
+    def __init__(self, enabled: bool = True, stream=None, any_rank: bool = False):
+        self.enabled = enabled and (any_rank or is_rank_zero())
         self.stream = stream or sys.stderr
         self.bar = None
 
@@ -344,6 +358,15 @@ def apply_mode_defaults(args) -> None:
     if loras is None:
         loras = [LIVEAVATAR_LORA] if args.mode == "liveavatar" and args.model != "tiny" else []
     args.lora_specs = [parse_lora_spec(x) for x in loras if x.strip().lower() != "none"]
+    if args.mode == "faithful" or not args.step_pipeline:
+        if args.step_pipeline or args.decode_rank:
+            raise InputError("--step-pipeline and --decode-rank belong to --mode liveavatar under "
+                             "torchrun; add --mode liveavatar --step-pipeline or drop them")
+    else:
+        from .parallel.step_pipeline import check_world
+        from .runtime import world_size_from_env
+
+        check_world(world_size_from_env(), args.num_inference_steps, args.decode_rank)
     if args.mode == "faithful":
         if args.sample_solver == "euler":
             raise InputError("--sample-solver euler is the liveavatar mode's sampler; use unipc or "
@@ -485,7 +508,8 @@ def prepare_options(args, device, log) -> dict:
 
     offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
     apply_attention_backend(args.attention_backend, device)
-    parallel = parallel_config_from_args(args)
+    # --step-pipeline: every rank runs the whole model on its own step; no DiT parallelism
+    parallel = None if args.step_pipeline else parallel_config_from_args(args)
     precision, note = resolve_precision(args.precision, device, offload=offload, parallel=parallel)
     if note:
         log(f"note: {note}")
@@ -516,8 +540,10 @@ def cmd_generate(args) -> int:
     profile = ProfileOptions.from_args(args)  # validates --profile-dir before any heavy work
     args.identical_on_all_ranks = False
     lock = None
+    if args.step_pipeline:
+        device = _init_step_pipeline(device)
     try:
-        if is_rank_zero():  # rank 0 writes the MP4
+        if writes_output(args):  # rank 0 (the last rank with --step-pipeline) writes the MP4
             lock = lock_output(args.output, log)
         t0 = time.perf_counter()
         log(f"Loading {args.model} on {device} ...")
@@ -532,8 +558,22 @@ def cmd_generate(args) -> int:
     finally:
         if lock is not None:
             lock.release()
-        if options["parallel"] is not None:
+        if options["parallel"] is not None or args.step_pipeline:
             destroy_distributed()
+
+
+def _init_step_pipeline(device):
+    """torch.distributed for --step-pipeline from the torchrun environment (gloo on the CPU,
+    NCCL on cuda:LOCAL_RANK); returns this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def _run(pipe, args, profile) -> int:
@@ -578,18 +618,28 @@ def _run_streaming(pipe, args, profile) -> int:
     if pipe.precision == "fast" and is_rank_zero():
         print("note: --mode liveavatar runs the plain block-causal forward; the fused kernels of "
               "--precision fast do not apply to it yet", file=sys.stderr, flush=True)
+    seed = args.seed if args.seed >= 0 else random.randint(0, 2**31 - 1)
+    runner = None
+    if args.step_pipeline:
+        from .parallel.step_pipeline import StepPipelineRunner
+        from .pipeline import _from_rank0
+
+        (seed,) = _from_rank0(seed)  # every rank must draw the same noise and rd
     settings = StreamingSettings(steps=args.num_inference_steps, shift=args.flow_shift,
-                                 fps=args.fps, frames_per_clip=args.num_frames,
-                                 seed=args.seed if args.seed >= 0 else random.randint(0, 2**31 - 1),
+                                 fps=args.fps, frames_per_clip=args.num_frames, seed=seed,
                                  sink=args.sink)
-    progress = StreamingProgress(enabled=not args.quiet)
+    if args.step_pipeline:
+        runner = StepPipelineRunner(pipe.dit, settings, decode_rank=args.decode_rank)
+    writer = writes_output(args)
+    progress = StreamingProgress(enabled=not args.quiet and writer, any_rank=True)
 
     def run(stage_timer):
         return generate_streaming(pipe, args.image, args.audio, prompt=args.prompt,
                                   settings=settings, height=args.height, width=args.width,
                                   max_area=args.max_area, num_clips=args.num_clips,
-                                  output=args.output, trim_to_audio=args.trim_to_audio,
-                                  callbacks=[progress])
+                                  output=args.output if writer else None,
+                                  trim_to_audio=args.trim_to_audio, callbacks=[progress],
+                                  runner=runner)
 
     try:
         if profile.any:
@@ -599,7 +649,7 @@ def _run_streaming(pipe, args, profile) -> int:
         args.written_output = out.output_path
     finally:
         progress.close()
-    if is_rank_zero():
+    if writer:
         print(format_summary(out, args.model), flush=True)
         for path in paths:
             print(f"  profile        {path}", flush=True)

@@ -122,3 +122,41 @@ def test_mismatched_lora_fails_before_the_weights_load(inputs, tmp_path, capsys,
     assert cli.main(argv(inputs, tmp_path / "o.mp4", "--lora", str(bad))) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "blocks.0.self_attn.q.lora_A.weight" in err, err
+
+
+def test_step_pipeline_flags_need_torchrun_and_the_mode(inputs, tmp_path, capsys):
+    assert cli.main(argv(inputs, tmp_path / "o.mp4", "--step-pipeline")) == 2
+    assert "torchrun --nproc-per-node 4" in capsys.readouterr().err
+    faithful = [a for a in argv(inputs, tmp_path / "o.mp4", "--decode-rank") if a not in
+                ("--mode", "liveavatar")]
+    assert cli.main(faithful) == 2
+    assert "--mode liveavatar" in capsys.readouterr().err
+
+
+def test_step_pipeline_cli_writes_the_single_process_video(inputs, tmp_path, tiny_cache):
+    """torchrun with 4 gloo processes (rank i runs step i of every block; the last rank decodes
+    and writes): the MP4's frames equal the single-process run's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    import av
+    import numpy as np
+
+    env = dict(os.environ, S2V_FAST_CACHE=tiny_cache, OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    outs = {}
+    for name, launch in [("pipe", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node", "4", "-m", "s2v_fast"]),
+                         ("single", [sys.executable, "-m", "s2v_fast"])]:
+        out = tmp_path / f"{name}.mp4"
+        extra = ["--step-pipeline"] if name == "pipe" else []
+        r = subprocess.run([*launch, *argv(inputs, out, "--lora", "tiny", *extra)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        with av.open(str(out)) as c:
+            outs[name] = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert outs["pipe"].shape == outs["single"].shape == (55, 64, 64, 3)
+    assert np.array_equal(outs["pipe"], outs["single"])

@@ -64,10 +64,15 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
                        output: Optional[str] = None, trim_to_audio: bool = True,
                        return_video: Optional[bool] = None, callbacks: Sequence = (),
                        prompt_embeds: Optional[torch.Tensor] = None,
-                       audio_feats_50hz: Optional[torch.Tensor] = None, rd_sequence=None):
+                       audio_feats_50hz: Optional[torch.Tensor] = None, rd_sequence=None,
+                       runner=None):
     """Run the streaming mode on an :class:`~s2v_fast.pipeline.S2VPipeline`; returns its
     :class:`~s2v_fast.pipeline.S2VOutput` (``first_frame_seconds`` and ``frames_per_second``
-    filled in). ``pipe.dit`` must be the plain model (LoRA merged, fp8 optional)."""
+    filled in). ``pipe.dit`` must be the plain model (LoRA merged, fp8 optional).
+
+    ``runner``: default a :class:`StreamingRunner` over ``pipe.dit``; a
+    :class:`~s2v_fast.parallel.step_pipeline.StepPipelineRunner` runs this rank's step, and only
+    its output rank (``runner.is_output``) decodes, writes ``output`` and returns the video."""
     from ..media import check_output_writable, open_image_rgb
     from ..pipeline import AUDIO_SAMPLE_RATE, DEFAULT_PROMPT, S2VOutput, S2VPipeline
 
@@ -112,8 +117,10 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     if trim_to_audio:
         max_frames = (getattr(writer, "max_frames", None)
                       or max(1, math.ceil(audio_seconds * settings.fps - 1e-6)))
-    runner = StreamingRunner(pipe.dit, settings, rd_sequence=rd_sequence)
-    decoder = pipe.vae.stream_decoder()
+    if runner is None:
+        runner = StreamingRunner(pipe.dit, settings, rd_sequence=rd_sequence)
+    decoder = pipe.vae.stream_decoder() if getattr(runner, "is_output", True) else None
+    stop_early = isinstance(runner, StreamingRunner)  # one process: skip the blocks past the audio
     total_blocks = n_clips * settings.blocks_per_clip
     _emit(callbacks, "on_start", dict(height=height, width=width, num_clips=n_clips,
                                       num_blocks=total_blocks, steps=settings.steps,
@@ -124,10 +131,13 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     blocks_done = 0
     try:
         with torch.no_grad():
-            decoder.warmup(motion_latents[:, :, :settings.warmup_latents].to(pipe.device))
+            if decoder is not None:
+                decoder.warmup(motion_latents[:, :, :settings.warmup_latents].to(pipe.device))
             for blk in runner.stream(context=prompt_embeds, ref_latents=ref_latents,
                                      motion_latents=motion_latents, audio=audio_emb,
-                                     num_clips=n_clips):
+                                     num_clips=n_clips):  # nothing on a step rank without output
+                if max_frames is not None and frames_done >= max_frames:
+                    continue  # past the audio; the step pipeline's other ranks still send these
                 video = decoder.decode(blk.latents.float())[0]  # [3, 12, H, W]
                 if blk.index == 0:
                     video = video[:, settings.drop_first_frames:]
@@ -146,7 +156,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
                     frames=frames_done, first_frame_seconds=first_frame_s,
                     frames_per_second=frames_done / elapsed if elapsed > 0 else 0.0,
                     num_blocks=total_blocks))
-                if max_frames is not None and frames_done >= max_frames:
+                if stop_early and max_frames is not None and frames_done >= max_frames:
                     break
         if writer is not None:
             writer.finish()
