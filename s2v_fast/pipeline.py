@@ -533,8 +533,11 @@ class S2VPipeline:
                              f"use at least {SIZE_DIVISOR}*{SIZE_DIVISOR} or pass --height/--width")
         return int(h), int(w)
 
-    def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None):
-        """(context, context_null): unpadded [L, text_dim] contexts of the prompt and negative prompt."""
+    def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None,
+                      with_negative: bool = True):
+        """(context, context_null): unpadded [L, text_dim] contexts of the prompt and negative
+        prompt; ``with_negative=False`` (no CFG: the negative branch never runs) gives
+        (context, None)."""
         if self.text_encoder is None:
             raise self._no_component("text_encoder", "pass prompt_embeds= and negative_prompt_embeds=")
         from .models.text_encoder import DEFAULT_NEGATIVE_PROMPT
@@ -542,6 +545,8 @@ class S2VPipeline:
         if not negative_prompt:  # reference: "" means the S2V default negative prompt
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
         with self._on_device("text_encoder"):
+            if not with_negative:
+                return self.text_encoder.encode([prompt])[0], None
             ctx, ctx_null = self.text_encoder.encode([prompt, negative_prompt])
         return ctx, ctx_null
 
@@ -862,7 +867,10 @@ class S2VPipeline:
             with timer.stage("text_encode"):
                 context, context_null = prompt_embeds, negative_prompt_embeds
                 if context is None or (guidance_scale > 1 and context_null is None):
-                    enc, enc_null = self.encode_prompt(prompt, negative_prompt)
+                    # without CFG (scale <= 1) the reference encodes the negative prompt and
+                    # never uses it: encode the prompt alone
+                    enc, enc_null = self.encode_prompt(prompt, negative_prompt,
+                                                       with_negative=guidance_scale > 1)
                     context = enc if context is None else context
                     context_null = enc_null if context_null is None else context_null
                     self._done_with("text_encoder")
