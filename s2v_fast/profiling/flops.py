@@ -100,6 +100,26 @@ def audio_injection_flops(Lv: int, C: int, num_injections: int = 12) -> float:
     return float(num_injections) * 4.0 * float(Lv) * float(C) * float(C)
 
 
+def _forward_flops(config, overrides, *, queries: int, keys: int, video_tokens: int,
+                   text_kv: bool) -> DiTFlops:
+    """``queries`` tokens through every block, self-attention over ``keys`` keys; ``text_kv``:
+    the text K/V projections are part of the forward (else cached per prompt)."""
+    get = lambda k: overrides.get(k) if overrides.get(k) is not None else _cfg(config, k)  # noqa: E731
+    C, f, n, T, na = get("dim"), get("ffn_dim"), get("num_layers"), get("text_len"), get("num_audio_injections")
+    L, Lk = float(queries), float(keys)
+    cross_core = n * 4 * L * T * C
+    return DiTFlops(
+        self_attn_proj=n * 8 * L * C * C,
+        attention=n * 4 * L * Lk * C,
+        cross_attn=n * (4 * L * C * C + (4 * T * C * C if text_kv else 0.0)) + cross_core,
+        ffn=n * 4 * L * C * f,
+        audio=audio_injection_flops(video_tokens, C, na),
+        tokens=int(queries),
+        video_tokens=int(video_tokens),
+        _cross_core=cross_core,
+    )
+
+
 def dit_forward_flops(config=None, *, tokens: int, video_tokens: int, **overrides) -> DiTFlops:
     """FLOPs of one DiT forward for one CFG branch.
 
@@ -107,20 +127,8 @@ def dit_forward_flops(config=None, *, tokens: int, video_tokens: int, **override
     ``tokens``: L, all tokens in self-attention (noisy + ref + motion); ``video_tokens``: Lv.
     ``overrides``: dim, ffn_dim, num_layers, text_len, num_audio_injections.
     """
-    get = lambda k: overrides.get(k) if overrides.get(k) is not None else _cfg(config, k)  # noqa: E731
-    C, f, n, T, na = get("dim"), get("ffn_dim"), get("num_layers"), get("text_len"), get("num_audio_injections")
-    L, Lv = float(tokens), float(video_tokens)
-    cross_core = n * 4 * L * T * C
-    return DiTFlops(
-        self_attn_proj=n * 8 * L * C * C,
-        attention=n * 4 * L * L * C,
-        cross_attn=n * (4 * L * C * C + 4 * T * C * C) + cross_core,
-        ffn=n * 4 * L * C * f,
-        audio=audio_injection_flops(Lv, C, na),
-        tokens=int(tokens),
-        video_tokens=int(video_tokens),
-        _cross_core=cross_core,
-    )
+    return _forward_flops(config, overrides, queries=tokens, keys=tokens,
+                          video_tokens=video_tokens, text_kv=True)
 
 
 def streaming_forward_flops(config=None, *, block_tokens: int, key_tokens: int,
@@ -129,20 +137,8 @@ def streaming_forward_flops(config=None, *, block_tokens: int, key_tokens: int,
     queries (the noisy block; no ref/motion tokens in the sequence) against ``key_tokens`` keys
     (the filled part of the rolling cache + the cond tokens). The text K/V are computed once per
     prompt, so only the cross-attention q/o projections and core count."""
-    get = lambda k: overrides.get(k) if overrides.get(k) is not None else _cfg(config, k)  # noqa: E731
-    C, f, n, T, na = get("dim"), get("ffn_dim"), get("num_layers"), get("text_len"), get("num_audio_injections")
-    Lq, Lk = float(block_tokens), float(key_tokens)
-    cross_core = n * 4 * Lq * T * C
-    return DiTFlops(
-        self_attn_proj=n * 8 * Lq * C * C,
-        attention=n * 4 * Lq * Lk * C,
-        cross_attn=n * 4 * Lq * C * C + cross_core,
-        ffn=n * 4 * Lq * C * f,
-        audio=audio_injection_flops(Lq, C, na),
-        tokens=int(block_tokens),
-        video_tokens=int(block_tokens),
-        _cross_core=cross_core,
-    )
+    return _forward_flops(config, overrides, queries=block_tokens, keys=key_tokens,
+                          video_tokens=block_tokens, text_kv=False)
 
 
 def s2v_token_counts(height: int, width: int, num_frames: int = 80, drop_motion: bool = False,
