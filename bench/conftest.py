@@ -13,15 +13,10 @@ import subprocess
 import sys
 import time
 
-# the Triton interpreter must be on before triton is imported anywhere (CPU smoke forms)
-try:
-    import torch
+from s2v_fast.testing.interpreter import use_interpreter_without_cuda
 
-    CUDA = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    CUDA = False
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# the Triton interpreter must be on before triton is imported anywhere (CPU smoke forms)
+CUDA = use_interpreter_without_cuda()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,16 +5,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
+from s2v_fast.testing.interpreter import use_interpreter_without_cuda  # noqa: E402
+
 # Triton kernels run on the CPU through the interpreter; it must be switched on before triton is
 # imported anywhere, so do it here when no CUDA device is present.
-try:
-    import torch
-
-    _HAS_CUDA = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_CUDA = False
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_HAS_CUDA = use_interpreter_without_cuda()
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
