@@ -4,7 +4,7 @@ All generate flags are added by :func:`add_generate_args`, so every subcommand t
 generation shares them (model, inputs, sampling, precision / attention backend, offload,
 multi-GPU degrees, profiling). Under ``torchrun`` every rank runs the same command; rank 0 prints
 and writes the MP4. Errors a user can fix print one line and exit with code 2 (``--debug`` shows
-the traceback): every numeric flag is checked against ``pipeline.NUMERIC_SETTINGS`` right after
+the traceback): every numeric flag is checked against ``NUMERIC_SETTINGS`` (pipeline/settings.py) right after
 argparse, the inputs and the output name before any model is loaded. Ctrl-C, SIGTERM and SIGHUP
 stop the run the same way: the finished clips are kept in a playable MP4 under the requested name
 (audio trimmed to them), one line says how many, and the exit code is 128 + the signal (130, 143,
@@ -103,8 +103,14 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
                         "--attention-backend auto, FP8 self-attention; opt-in, changes numerics: see "
                         "README (default: none, the exact bf16 path)")
     g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
-                   help="attention kernels; auto times the available ones per shape on CUDA "
-                        "(default: $S2V_ATTENTION_BACKEND or auto)")
+                   help="attention kernels of every site; auto times the available ones per shape "
+                        "on CUDA; fp8 serves the self-attention sites and leaves the text and "
+                        "audio cross-attention to auto (default: $S2V_ATTENTION_BACKEND or auto)")
+    g.add_argument("--attention-site", action="append", default=None, metavar="SITE=BACKEND",
+                   help="one site's backend instead of --attention-backend's; sites: self "
+                        "(self-attention), text (prompt cross-attention), audio (audio "
+                        "injectors), causal (the liveavatar mode's block-causal attention); "
+                        "repeatable, e.g. --attention-site self=fp8 (default: none)")
     g.add_argument("--mode", choices=list(MODE_DEFAULTS), default="faithful",
                    help="faithful: Wan2.2-S2V's 40-step CFG sampler over 80-frame clips; "
                         "liveavatar: LiveAvatar's 4-step streaming mode (block-causal attention "
@@ -396,9 +402,9 @@ def apply_mode_defaults(args) -> None:
 
 
 def check_numeric_flags(args) -> None:
-    """Every numeric flag against its valid range (``pipeline.NUMERIC_SETTINGS``), right after
-    argparse: one-line InputError naming the flag, the value and the range."""
-    from .pipeline import check_numeric_settings
+    """Every numeric flag against its valid range (``NUMERIC_SETTINGS``, pipeline/settings.py),
+    right after argparse: one-line InputError naming the flag, the value and the range."""
+    from .pipeline.settings import check_numeric_settings
 
     check_numeric_settings(vars(args))
 
@@ -407,7 +413,7 @@ def precheck_inputs(args) -> None:
     """Fail fast (before loading any model) on bad settings, inputs and output path."""
     from . import media
     from .models.audio_features import load_audio
-    from .pipeline import AUDIO_SAMPLE_RATE, validate_settings
+    from .pipeline.settings import AUDIO_SAMPLE_RATE, validate_settings
 
     validate_settings(height=args.height, width=args.width, num_frames=args.num_frames,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -443,7 +449,7 @@ def interrupt_signals(log):
     code is 128 + the signal. A second signal while the run stops is ignored (it is saving the
     clips; one line says so), a third ends the process at once. A signal that was ignored when
     the run started (``nohup``) stays ignored. Main thread only."""
-    from .pipeline import SignalInterrupt
+    from .pipeline.interrupts import SignalInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -503,11 +509,11 @@ def one_line_warnings():
 def prepare_options(args, device, log) -> dict:
     """Check the precision / attention / offload / multi-GPU flags (no weights loaded) and
     return the matching ``S2VPipeline.from_pretrained`` keyword arguments."""
-    from .runtime import (OFFLOAD_FLAGS, apply_attention_backend, check_quantization,
+    from .runtime import (OFFLOAD_FLAGS, attention_choice, check_quantization,
                           offload_mode_from_flags, parallel_config_from_args, resolve_precision)
 
     offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
-    apply_attention_backend(args.attention_backend, device)
+    attention = attention_choice(args.attention_backend, args.attention_site or (), device)
     # --step-pipeline: every rank runs the whole model on its own step; no DiT parallelism
     parallel = None if args.step_pipeline else parallel_config_from_args(args)
     precision, note = resolve_precision(args.precision, device, offload=offload, parallel=parallel)
@@ -622,9 +628,9 @@ def _run_streaming(pipe, args, profile) -> int:
     runner = None
     if args.step_pipeline:
         from .parallel.step_pipeline import StepPipelineRunner
-        from .pipeline import _from_rank0
+        from .pipeline.placement import from_rank0
 
-        (seed,) = _from_rank0(seed)  # every rank must draw the same noise and rd
+        (seed,) = from_rank0(seed)  # every rank must draw the same noise and rd
     settings = StreamingSettings(steps=args.num_inference_steps, shift=args.flow_shift,
                                  fps=args.fps, frames_per_clip=args.num_frames, seed=seed,
                                  sink=args.sink)
@@ -710,7 +716,7 @@ def main(argv=None) -> int:
         print(f"error: {where}{msg}", file=sys.stderr, flush=True)
         return code
 
-    from .pipeline import GenerationInterrupted, PartialOutputError, interrupt_signal
+    from .pipeline.interrupts import GenerationInterrupted, PartialOutputError, interrupt_signal
 
     def interrupted(e, msg):
         sig = interrupt_signal(e)

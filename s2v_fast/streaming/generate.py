@@ -27,17 +27,10 @@ from .preset import LIVEAVATAR_MAX_AREA, OFFLINE, StreamingSettings
 from .runner import StreamingRunner
 
 
-def _emit(callbacks, name, *args):
-    for cb in callbacks:
-        fn = getattr(cb, name, None)
-        if fn is not None:
-            fn(*args)
-
-
 def encode_audio(pipe, wave, settings: StreamingSettings, audio_feats_50hz=None):
     """-> ([1, 25, D, frames] in the pipeline dtype, clips the audio needs)."""
     from ..models.audio_features import bucket_features, interpolate_features
-    from ..pipeline import AUDIO_FPS_IN, AUDIO_FPS_MID
+    from ..pipeline.settings import AUDIO_FPS_IN, AUDIO_FPS_MID
 
     feats = audio_feats_50hz if audio_feats_50hz is not None else pipe.audio_features(wave)
     feats30 = interpolate_features(feats.float(), AUDIO_FPS_IN, AUDIO_FPS_MID)
@@ -74,7 +67,10 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     :class:`~s2v_fast.parallel.step_pipeline.StepPipelineRunner` runs this rank's step, and only
     its output rank (``runner.is_output``) decodes, writes ``output`` and returns the video."""
     from ..media import check_output_writable, open_image_rgb
-    from ..pipeline import AUDIO_SAMPLE_RATE, DEFAULT_PROMPT, S2VOutput, S2VPipeline
+    from ..pipeline.interrupts import keep_finished_clips
+    from ..pipeline.placement import on_device
+    from ..pipeline.results import S2VOutput, emit
+    from ..pipeline.settings import AUDIO_SAMPLE_RATE, DEFAULT_PROMPT
 
     t_start = time.perf_counter()
     callbacks = list(callbacks or ())
@@ -102,7 +98,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     if prompt_embeds is None:
         if pipe.text_encoder is None:
             raise InputError("no text encoder loaded; pass prompt_embeds=")
-        with pipe._on_device("text_encoder"):
+        with on_device(pipe, "text_encoder"):
             (prompt_embeds,) = pipe.text_encoder.encode([prompt or DEFAULT_PROMPT])
     ref_latents, motion_latents = encode_reference(pipe, ref_pixels, settings)
 
@@ -122,7 +118,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     decoder = pipe.vae.stream_decoder() if getattr(runner, "is_output", True) else None
     stop_early = isinstance(runner, StreamingRunner)  # one process: skip the blocks past the audio
     total_blocks = n_clips * settings.blocks_per_clip
-    _emit(callbacks, "on_start", dict(height=height, width=width, num_clips=n_clips,
+    emit(callbacks, "on_start", dict(height=height, width=width, num_clips=n_clips,
                                       num_blocks=total_blocks, steps=settings.steps,
                                       total_frames=n_clips * settings.frames_per_clip
                                       - settings.drop_first_frames, fps=settings.fps,
@@ -152,7 +148,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
                 if first_frame_s is None:
                     first_frame_s = time.perf_counter() - t_start
                 elapsed = time.perf_counter() - t_loop
-                _emit(callbacks, "on_block_end", blk, dict(
+                emit(callbacks, "on_block_end", blk, dict(
                     frames=frames_done, first_frame_seconds=first_frame_s,
                     frames_per_second=frames_done / elapsed if elapsed > 0 else 0.0,
                     num_blocks=total_blocks))
@@ -161,8 +157,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
         if writer is not None:
             writer.finish()
     except BaseException as exc:
-        S2VPipeline._handle_failure(exc, writer, blocks_done, total_blocks, frames_done, output,
-                                    unit="blocks")
+        keep_finished_clips(exc, writer, blocks_done, total_blocks, unit="blocks")
         raise
     loop_s = time.perf_counter() - t_loop
     peak = torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda" else None
@@ -173,5 +168,5 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
                        num_steps_run=blocks_done * settings.steps, peak_memory_bytes=peak,
                        audio_seconds=audio_seconds, first_frame_seconds=first_frame_s,
                        frames_per_second=frames_done / loop_s if loop_s > 0 else 0.0)
-    _emit(callbacks, "on_end", result)
+    emit(callbacks, "on_end", result)
     return result
