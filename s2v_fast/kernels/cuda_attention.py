@@ -171,8 +171,11 @@ def _check(err: int, what: str) -> None:
         raise RuntimeError(f"{what}: {_ERRORS.get(err, f'error {err}')}")
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Inputs both kernels cover: CUDA bf16, head dim 128, last dim contiguous, 16-byte aligned."""
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+             check_pointers: bool = True) -> bool:
+    """Inputs both kernels cover: CUDA bf16, head dim 128, last dim contiguous, 16-byte aligned.
+    ``check_pointers=False``: all but the base pointers' alignment, which a trace (torch.compile,
+    fake tensors) does not know; the ops check it when they run."""
     if q.dim() != 4 or not q.is_cuda or q.shape[-1] != HEAD_DIM:
         return False
     B, _, H, D = q.shape
@@ -181,9 +184,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     for t in (q, k, v):
         if t.dtype != torch.bfloat16 or t.device != q.device or t.stride(-1) != 1:
             return False
-        if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:3]):
+        if any(s % 8 for s in t.stride()[:3]):
             return False
-    return True
+    return not check_pointers or _aligned(q, k, v)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return not any(t.data_ptr() % 16 for t in tensors)
 
 
 def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -191,13 +198,40 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [B, Lq, H, 128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> [B, Lq, H, 128] bf16.
 
     Other inputs are computed by cuDNN SDPA (same contract). ``defines``: a compile-time variant
-    of the kernel (:func:`build`; benchmarks and tests)."""
+    of the kernel (:func:`build`; benchmarks and tests). The kernel runs as the custom op
+    ``torch.ops.s2v_fast.flash_attention_sm90``."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
+    if not supports(q, k, v, check_pointers=not torch.compiler.is_compiling()) \
+            or B * H * Lq == 0 or Lk == 0:
+        return _cudnn_fallback(q, k, v, softmax_scale)
+    return flash_attention_sm90(q, k, v, softmax_scale, "\n".join(defines))
+
+
+def _cudnn_fallback(q, k, v, softmax_scale: Optional[float]) -> torch.Tensor:
+    if softmax_scale is None:
+        return cudnn_attention(q, k, v)
+    return sdpa_scaled(q, k, v, float(softmax_scale))
+
+
+# The launchers as torch.library custom ops, so that torch.compile and CUDA graphs see one opaque
+# call with a known output (the fake implementations) instead of a ctypes call they cannot trace.
+# Each launches its kernel on the current stream with the same arguments as a direct call.
+
+
+@torch.library.custom_op("s2v_fast::flash_attention_sm90", mutates_args=(), device_types="cuda")
+def flash_attention_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         softmax_scale: Optional[float], defines: str) -> torch.Tensor:
+    """The bf16 kernel (``csrc/flash_attention_sm90.cu``) on inputs :func:`supports` covers, but
+    for the base pointers: misaligned ones (known only here, when traced) take cuDNN, contiguous
+    like the kernel's output. ``softmax_scale`` None = 1/sqrt(D); ``defines``: nvcc flags, one a
+    line ("" for the default build)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if not _aligned(q, k, v):
+        return _cudnn_fallback(q, k, v, softmax_scale).contiguous()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if not supports(q, k, v) or B * H * Lq == 0 or Lk == 0:
-        return cudnn_attention(q, k, v) if softmax_scale is None else sdpa_scaled(q, k, v, scale)
-    fn = _load("bf16", tuple(defines))
+    fn = _load("bf16", tuple(defines.split("\n")) if defines else ())
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     strides = (ctypes.c_longlong * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with torch.cuda.device(q.device):
@@ -208,6 +242,13 @@ def cuda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+@flash_attention_sm90.register_fake
+def _(q, k, v, softmax_scale, defines):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.shape == k.shape,
+                 lambda: "flash_attention_sm90: q [B, Lq, H, D], k and v [B, Lk, H, D]")
+    return q.new_empty(q.shape)
+
+
 def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        softmax_scale: Optional[float] = None, *,
                        quantized: Optional[dict] = None, k_scale: Optional[str] = None) -> torch.Tensor:
@@ -215,27 +256,46 @@ def cuda_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     128], k/v [B, Lk, H, 128] bf16 on an sm_90 GPU -> bf16. ``k_scale``: "channel" or "token"
     (default ``fp8_quant.default_k_scale()``): the kernel runs without or with per-key
     scales. ``quantized``: the output of ``quantize_qkv(..., "fp8", k_perm32=True)``
-    (benchmarks timing the kernel alone; its own k_scale then applies)."""
+    (benchmarks timing the kernel alone; its own k_scale then applies). The kernel runs as the
+    custom op ``torch.ops.s2v_fast.fp8_attention_sm90``."""
     from .fp8_quant import quantize_qkv  # here: fp8_quant needs torch's float8 dtypes
 
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if not supports(q, k, v):
+    if not supports(q, k, v, check_pointers=not torch.compiler.is_compiling()):
         raise ValueError("cuda fp8 attention needs CUDA bf16 q/k/v with head dim 128")
     qz = quantized if quantized is not None else quantize_qkv(
         q, k, v, scale, "fp8", use_kernels=True, k_perm32=True, k_scale=k_scale)
     if qz.get("Lkp", 0) % 32:
         raise ValueError("cuda fp8 attention needs quantize_qkv(..., k_perm32=True)")
+    return fp8_attention_sm90(qz["q8"], qz["qs"], qz["k8"], qz["ks"], qz["vt"], qz["vs"],
+                              B, H, Lk, qz["Lkp"], qz["Lp"])
+
+
+@torch.library.custom_op("s2v_fast::fp8_attention_sm90", mutates_args=(), device_types="cuda")
+def fp8_attention_sm90(q8: torch.Tensor, qs: torch.Tensor, k8: torch.Tensor,
+                       ks: Optional[torch.Tensor], vt: torch.Tensor, vs: torch.Tensor,
+                       B: int, H: int, Lk: int, Lkp: int, Lp: int) -> torch.Tensor:
+    """The fp8 kernel (``csrc/fp8_attention_sm90.cu``) on ``quantize_qkv(..., k_perm32=True)``'s
+    tensors (q8 [B*H, Lq, D], k8 [B*H, Lkp, D], vt [B*H, D, Lp]; ``ks`` None with per-channel K
+    scales) -> [B, Lq, H, D] bf16."""
+    Lq, D = q8.shape[1], q8.shape[2]
     fn = _load("fp8")
-    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
+    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q8.device)
     strides = (ctypes.c_longlong * 3)(*out.stride()[:3])
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        ks = qz["ks"].data_ptr() if qz["ks"] is not None else None
-        err = fn(qz["q8"].data_ptr(), qz["qs"].data_ptr(), qz["k8"].data_ptr(), ks,
-                 qz["vt"].data_ptr(), qz["vs"].data_ptr(), out.data_ptr(), B, H, Lq, Lk,
-                 qz["Lkp"], qz["Lp"], strides, ctypes.c_void_p(stream))
+    with torch.cuda.device(q8.device):
+        stream = torch.cuda.current_stream(q8.device).cuda_stream
+        ks_ptr = ks.data_ptr() if ks is not None else None
+        err = fn(q8.data_ptr(), qs.data_ptr(), k8.data_ptr(), ks_ptr, vt.data_ptr(),
+                 vs.data_ptr(), out.data_ptr(), B, H, Lq, Lk, Lkp, Lp, strides,
+                 ctypes.c_void_p(stream))
     _check(err, "cuda fp8 attention")
     return out
 
+
+@fp8_attention_sm90.register_fake
+def _(q8, qs, k8, ks, vt, vs, B, H, Lk, Lkp, Lp):
+    torch._check(q8.dim() == 3 and q8.shape[0] == B * H,
+                 lambda: "fp8_attention_sm90: q8 [B*H, Lq, D]")
+    return q8.new_empty((B, q8.shape[1], H, q8.shape[2]), dtype=torch.bfloat16)
