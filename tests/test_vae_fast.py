@@ -232,3 +232,41 @@ def test_fused_norm_kernel_in_the_model(ref):
     z = smooth_latents((1, 16, 2, 2, 3), seed=1, device=dev)
     acc = decode_accuracy(k.decode(z), t.decode(z))
     assert acc["psnr_db"] >= 60.0 and acc["max_abs"] <= 2e-2, acc
+
+
+def test_bench_vae_fast_rows_cpu_form():
+    """bench/bench_vae.py's fast mode on CPU (--smoke: dim-8 VAE, 16x24): fp32 and fast rows for
+    decode / stream / encode with their floors, and the fast rows' accuracy vs fp32."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_vae
+
+    rows = bench_vae.main(["--smoke", "--modes", "fast"])
+    assert {(r["op"], r["path"]) for r in rows} == {(op, p) for op in ("decode", "stream_decode", "encode")
+                                                    for p in ("fp32", "fast")}
+    for r in rows:
+        assert r["median_ms"] > 0 and (r.get("floor_ms_per_latent") or r["floor_ms_per_frame"]) > 0
+        if r["path"] == "fast":
+            assert r["x_floor"] > 0
+            if r["op"] == "encode":
+                assert r["rel_l2"] <= 5e-2
+            else:
+                assert r["psnr_db"] >= 40.0, r
+
+
+def test_vae_floor_counts_the_full_size_decoder():
+    """The floor's FLOP count: conv FLOPs per output pixel of the decoder's stages add up to the
+    hand count (~9.1 TFLOP per latent frame after the first at 704x384, attention included;
+    measured 9.16)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from bench_vae import vae_floor
+
+    one, four = vae_floor(704, 384, latents=1), vae_floor(704, 384, latents=4)
+    per_latent = (four["tflop"] - one["tflop"]) / 3  # a latent after the first: 4 pixel frames
+    assert 8.7 <= per_latent <= 9.3, per_latent
+    assert four["floor_ms"] > four["tflop"] / 790 * 1e3  # never below the compute-only time
