@@ -11,7 +11,8 @@ the tiled/sliced output against plain, on smooth unit-variance latents
 Fast VAE (mode ``fast``, issue 25; ``s2v_fast.models.vae_fast.apply_fast_vae``): for each of
 ``--fast-shapes`` (448x832, 704x384, 704x1280) the fp32 reference and the fast path: decode ms per
 latent frame (whole clip of ``--latents``, and the streaming decoder in blocks of 3 latents),
-encode ms per pixel frame (the 73-frame motion re-encode), peak memory, accuracy of the fast rows
+encode ms per pixel frame (the 73-frame motion re-encode), peak memory (``peak_mem_gb``: above
+what was allocated before the timed calls: both models' weights and the kept outputs), accuracy of the fast rows
 against fp32 (decode: PSNR / max-abs of the clamped video; encode: max-abs / rel L2 of mu) and the
 floor computed from the VAE's FLOPs and bytes (``vae_floor``: each conv / attention / norm /
 upsample at max(FLOPs / 790 TFLOP/s, bytes / 3.0 TB/s), the H100 ceilings of
@@ -109,11 +110,13 @@ def vae_floor(height: int, width: int, latents: int = 0, frames: int = 0, dim: i
 
 
 def _timed(fn, iters: int, dev) -> tuple:
-    """(median ms, peak GB over the call, last output): CUDA-event timing after a warm-up call."""
+    """(median ms, peak GB over the calls above what was allocated before them, last output):
+    CUDA-event timing after a warm-up call."""
     fn()
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     ts, out = [], None
     for _ in range(iters):
@@ -129,7 +132,7 @@ def _timed(fn, iters: int, dev) -> tuple:
             t0 = time.perf_counter()
             out = fn()
             ts.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / GB if cuda else None
+    peak = round((torch.cuda.max_memory_allocated() - base) / GB, 3) if cuda else None
     return sorted(ts)[len(ts) // 2], peak, out
 
 
@@ -195,7 +198,6 @@ def fast_rows(ref: WanVAE, shapes, latents: int, frames: int, iters: int, dev) -
                 stream_ref = ref.decode(zs[:, :, :2 * STREAM_BLOCK])[:, :, 1 + 4 * (STREAM_BLOCK - 1):]
             del blk
             rows.append(row)
-            del dec
             if video is None:  # encode input: the fp32 decode's frames (natural-looking video)
                 video = outs["fp32"][:, :, :frames]
                 if video.shape[2] < frames:
@@ -223,7 +225,7 @@ def fast_rows(ref: WanVAE, shapes, latents: int, frames: int, iters: int, dev) -
             fl = r.get("floor_ms_per_latent", r.get("floor_ms_per_frame"))
             print(f"[vae] {r['name']}: {per} (floor {fl:.3g}), peak {r['peak_mem_gb']} GB{acc}",
                   flush=True)
-        del outs, video, stream_ref
+        outs = video = stream_ref = None  # free before the next shape
     return rows
 
 
