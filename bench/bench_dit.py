@@ -10,7 +10,7 @@ Setup: Wan2.2-S2V-14B config with random bf16 weights drawn on the GPU (bench/di
 * ``fast``: the default path: conditions prepared once per clip (``prepare_conditions``, reported
   as ``prepare_ms``), then ``forward_step`` in ``fast`` precision (Triton kernels, caches).
 * ``fast_nofold``: ``fast`` without folding the few-key cross-attentions (audio, short prompt)
-  into their output projections (``S2V_FOLD_OUTPUT=0``; models/folded_output.py). It runs
+  into their output projections (``S2V_FOLD_OUTPUT=0``; fast/folded_output.py). It runs
   before ``fast``, so ``fast`` meets the warmer board.
 * ``fast_sep_gelu``: ``fast`` with the FFN GELU as its own kernel instead of the GEMM epilogue.
 * ``compile``: ``torch.compile`` of each block (reference math) with the prepared conditions;
@@ -41,8 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dit_common import build_random_dit, make_inputs  # noqa: E402
 from results_io import time_ms, write_results  # noqa: E402
 
+from s2v_fast.attention_sites import AttentionChoice  # noqa: E402
 from s2v_fast.kernels import attention as attn  # noqa: E402
 from s2v_fast.profiling.flops import dit_forward_flops, s2v_token_counts  # noqa: E402
+from s2v_fast.fast import set_precision  # noqa: E402
 
 GEMM_TFLOPS, ATTN_TFLOPS = 790.0, 627.0  # measured H100 bf16 ceilings (performance.md)
 MODES = ("forward", "reference", "fast_nofold", "fast", "fast_sep_gelu", "compile")
@@ -85,7 +87,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
                  tflops=round(fl.total / (timing["median_ms"] * 1e-3) / 1e12, 1),
                  floor_ms=round(floor_ms(fl), 1),
                  ratio_to_floor=round(timing["median_ms"] / floor_ms(fl), 3),
-                 peak_mem_gb=peak(), attention_backend=attn.get_attention_backend(), **extra)
+                 peak_mem_gb=peak(), attention_backend=args.attention_backend, **extra)
         rows.append(r)
         print(f"[dit] {name}: {r['median_ms']:.1f} ms ({r['tflops']} TFLOP/s, x{r['ratio_to_floor']} floor, "
               f"peak {r['peak_mem_gb']} GB) " + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
@@ -94,7 +96,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
     inp2 = make_inputs(model, H, W, frames=frames, batch=2, motion=True, seed=H + W)
 
     if "forward" in modes:
-        model.precision = "reference"
+        set_precision(model, "reference")
         inp1 = {k: (v[:1] if isinstance(v, torch.Tensor) and k != "t" else v) for k, v in inp2.items()}
         inp1["t"], inp1["context"] = inp2["t"][:1], inp2["context"][:1]
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
@@ -102,7 +104,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         row(f"{prefix}_forward_{tag}_bf16", t, 1, precision="reference", motion=True)
 
     if any(m in modes for m in MODES[1:]):
-        model.precision = "reference"
+        set_precision(model, "reference")
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         outs["reference"] = model(**inp2)
         if "reference" in modes:
@@ -113,9 +115,10 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
     cond_kw = {k: v for k, v in inp2.items() if k not in ("x", "t")}
 
     if "fast_nofold" in modes:
-        from s2v_fast.models import folded_output
+        from s2v_fast.fast import folded_output
 
-        model.precision, folded_output.FOLD_OUTPUT = "fast", False
+        set_precision(model, "fast")
+        folded_output.FOLD_OUTPUT = False
         try:
             cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
             out = model.forward_step(x, tt, cond)
@@ -127,7 +130,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         del cond
 
     if "fast" in modes:
-        model.precision = "fast"
+        set_precision(model, "fast")
         torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
         prep = time_ms(lambda: model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw),
                        1, 3)
@@ -146,9 +149,10 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         del cond
 
     if "fast_sep_gelu" in modes:
-        from s2v_fast.models import fast_path
+        from s2v_fast.fast import blocks as fast_path
 
-        model.precision, fast_path.GELU_EPILOGUE = "fast", False
+        set_precision(model, "fast")
+        fast_path.GELU_EPILOGUE = False
         try:
             cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **cond_kw)
             out = model.forward_step(x, tt, cond)
@@ -160,7 +164,7 @@ def bench_size(model, H: int, W: int, frames: int, modes, args, dev) -> list:
         del cond
 
     if "compile" in modes:
-        model.precision = "reference"
+        set_precision(model, "reference")
         saved = [blk.forward for blk in model.blocks]
         try:
             compile_blocks(model)
@@ -190,7 +194,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--preset", default="wan2.2-s2v-14b")
-    ap.add_argument("--attention-backend", default=os.environ.get(attn.ENV_VAR, "auto"))
+    ap.add_argument("--attention-backend", default=os.environ.get(attn.ENV_VAR, "auto"),
+                    help="the self-attention site's backend (the text and audio sites keep auto)")
     ap.add_argument("--topic", default="dit", help="results file topic (default dit)")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, no JSON")
     args = ap.parse_args(argv)
@@ -198,7 +203,7 @@ def main(argv=None):
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
-    attn.set_attention_backend(args.attention_backend)
+    attn.check_attention_backend(args.attention_backend)
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if args.smoke:
         args.preset, args.sizes, args.frames, args.warmup, args.iters = "tiny", "64x64", 8, 1, 1
@@ -206,7 +211,8 @@ def main(argv=None):
         ap.error("needs a CUDA device (use --smoke for a CPU plumbing check)")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    model = build_random_dit(args.preset, device=dev, dtype=dtype)
+    model = build_random_dit(args.preset, device=dev, dtype=dtype,
+                             attention=AttentionChoice("auto", (("self", args.attention_backend),)))
     _sync(dev)
     print(f"[dit] built {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{dtype}) in {time.perf_counter() - t0:.1f} s; attention backend {args.attention_backend}",

@@ -41,9 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from results_io import time_ms, write_results  # noqa: E402
+from s2v_fast.attention_sites import AttentionChoice  # noqa: E402
 from s2v_fast.kernels import attention as attn_registry  # noqa: E402
 from s2v_fast.kernels import fp8_attention as fa8  # noqa: E402
 from s2v_fast.kernels import fp8_gemm as fg  # noqa: E402
+from s2v_fast.fast import set_precision  # noqa: E402
 
 H, D = 40, 128
 ATTN_SIZES = (32760, 79200)
@@ -259,7 +261,7 @@ def recorded_rows(out: torch.Tensor, idx: torch.Tensor):
 
 
 class BlockRecorder:
-    """Bench-only wrapper around s2v_fast.models.fast_path.fast_block: keeps, per block, the
+    """Bench-only wrapper around s2v_fast.fast.blocks.fast_block: keeps, per block, the
     residual stream and the block's update on a fixed subset of tokens (fp32)."""
 
     def __init__(self, n_tokens=512):
@@ -269,7 +271,7 @@ class BlockRecorder:
         self._orig = None
 
     def __enter__(self):
-        from s2v_fast.models import fast_path
+        from s2v_fast.fast import blocks as fast_path
 
         self._orig = fast_path.fast_block
         rec = self
@@ -288,7 +290,7 @@ class BlockRecorder:
         return self
 
     def __exit__(self, *exc):
-        from s2v_fast.models import fast_path
+        from s2v_fast.fast import blocks as fast_path
 
         fast_path.fast_block = self._orig
         return False
@@ -311,7 +313,7 @@ def _dit_inputs(cfg):
 
     d = cfg.dit
     model = build_random_dit(d["preset"], device=cfg.device)
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = make_inputs(model, d["height"], d["width"], frames=d["frames"], batch=2)
     return model, inp
 
@@ -321,14 +323,17 @@ def bench_dit(cfg, recs):
 
     tag = cfg.dit["tag"]
     base = dict(preset=cfg.dit["preset"], batch=2, height=cfg.dit["height"], width=cfg.dit["width"])
-    prev_backend = attn_registry.get_attention_backend()
-    # the bf16 baseline names its backend (what "auto" picks on the H100; naming it skips auto's
-    # first-call timing of every candidate)
-    attn_registry.set_attention_backend(cfg.bf16_backend)
+    # the bf16 baseline names its self-attention backend (what "auto" picks on the H100; naming
+    # it skips auto's first-call timing of every candidate); the other sites keep auto
     bf16_backend = cfg.bf16_backend
+
+    def self_site(model, name):
+        attn_registry.configure_attention(model, AttentionChoice("auto", (("self", name),)))
+
     try:
         t = time.time()
         model, inp = _dit_inputs(cfg)
+        self_site(model, bf16_backend)
         build_s = time.time() - t
         cond = model.prepare_conditions(inp["context"], inp["ref_latents"], inp["motion_latents"],
                                         inp["cond_states"], inp["audio_input"],
@@ -371,12 +376,12 @@ def bench_dit(cfg, recs):
         # --- bf16 linears + fp8 attention (accuracy of the attention half; one call)
         r = dict(base, name=f"dit14b_step_{tag}_fp8attn", tokens=tokens, attention="fp8")
         try:
-            attn_registry.set_attention_backend("fp8")
+            self_site(model, "fp8")
             vs_bf16(r, timed=False)
         except Exception as e:
             r["error"] = _err(e)
             traceback.print_exc()
-        attn_registry.set_attention_backend(bf16_backend)
+        self_site(model, bf16_backend)
         recs.append(r)
         _print(recs[-1:])
         _free()
@@ -402,7 +407,7 @@ def bench_dit(cfg, recs):
         r = dict(base, name=f"dit14b_step_{tag}_fp8", tokens=tokens, attention="fp8", quantize_s=qs,
                  attention_config=os.environ.get("S2V_FP8_ATTN_CONFIG"))
         try:
-            attn_registry.set_attention_backend("fp8")
+            self_site(model, "fp8")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             vs_bf16(r, all_blocks=True)
@@ -418,7 +423,6 @@ def bench_dit(cfg, recs):
             recs.append(dict(base, name=f"dit14b_step_{tag}_fast", error=_err(e)))
         traceback.print_exc()
     finally:
-        attn_registry.set_attention_backend(prev_backend)
         _free()
 
 

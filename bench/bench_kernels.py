@@ -174,7 +174,7 @@ def case_text_attention(cfg, L, Lv, Nf, dev, lens=(37, 118), text_len=512, flash
     to 512): compacted keys + key bias in the Triton kernel vs cuDNN over the 512 padded keys
     (what ``auto`` picked before, profile_dit448_lazy)."""
     from s2v_fast.kernels.attention import _BACKENDS
-    from s2v_fast.models.text_kv import compact_text_kv, text_attention
+    from s2v_fast.fast.text_kv import compact_text_kv, text_attention
 
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     q = _randn(2, L, cfg.H, cfg.D, dev=dev, dtype=dt)

@@ -42,6 +42,7 @@ from dit_common import build_random_dit, make_inputs, token_count  # noqa: E402
 from results_io import time_ms, write_results  # noqa: E402
 
 from s2v_fast.offload import ModelOffloader, enable_layerwise_offload  # noqa: E402
+from s2v_fast.fast import set_precision  # noqa: E402
 
 MODES = ("none", "cpu_offload", "layerwise", "layerwise_noprefetch")
 GB = 1e9
@@ -132,7 +133,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     model = build_random_dit(args.preset, device=dev, dtype=dtype)
-    model.precision = args.precision
+    set_precision(model, args.precision)
     _sync(dev)
     build_s = time.perf_counter() - t0
     nb = len(model.blocks)

@@ -39,6 +39,7 @@ from results_io import write_results  # noqa: E402
 
 from s2v_fast.parallel import (ParallelCFGDenoiser, ParallelConfig, VAEPatchParallel,  # noqa: E402
                                build_state, init_distributed, parallelize)
+from s2v_fast.fast import set_precision  # noqa: E402
 
 GUIDANCE = 4.5
 
@@ -181,15 +182,14 @@ def main():
     frames = 8 if args.smoke else args.frames
     heads = 2 if args.smoke else 40
     modes = auto_modes(world, heads) if args.modes == "auto" else args.modes.split(",")
-    if args.attention_backend:
-        from s2v_fast.kernels.attention import set_attention_backend
+    from s2v_fast.attention_sites import AttentionChoice
 
-        set_attention_backend(args.attention_backend)
+    choice = AttentionChoice("auto", (("self", args.attention_backend),) if args.attention_backend else ())
 
     def build():
-        m = build_random_dit(preset, device=dev, dtype=dtype, seed=0)
+        m = build_random_dit(preset, device=dev, dtype=dtype, seed=0, attention=choice)
         if args.precision:
-            m.precision = args.precision
+            set_precision(m, args.precision)
         return m
 
     def log(msg):

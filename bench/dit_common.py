@@ -12,6 +12,7 @@ import math
 import torch
 
 from s2v_fast.config import DiTConfig
+from s2v_fast.kernels.attention import configure_attention
 from s2v_fast.models.dit import S2VTransformer
 
 
@@ -34,9 +35,11 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def build_random_dit(preset: str = "wan2.2-s2v-14b", device="cuda", dtype=torch.bfloat16,
-                     seed: int = 0, layers: int | None = None) -> S2VTransformer:
+                     seed: int = 0, layers: int | None = None, attention="auto") -> S2VTransformer:
     """``layers``: a section of the preset's full width with that many blocks, audio injected
-    after blocks 0, 2 and 3 (those below ``layers``), as bench/gpu_smoke.py's section."""
+    after blocks 0, 2 and 3 (those below ``layers``), as bench/gpu_smoke.py's section.
+    ``attention``: the backend (name or AttentionChoice) of every site, as the pipeline's
+    ``--attention-backend`` (default auto, the pipeline's default)."""
     cfg = DiTConfig.preset(preset)
     if layers:
         cfg = dataclasses.replace(cfg, num_layers=layers,
@@ -45,6 +48,7 @@ def build_random_dit(preset: str = "wan2.2-s2v-14b", device="cuda", dtype=torch.
         model = S2VTransformer(cfg)
     model = model.to_empty(device=device).to(dtype)
     random_init_(model, seed)
+    configure_attention(model, attention)
     return model.eval()
 
 

@@ -57,7 +57,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import write_results  # noqa: E402
 
 from s2v_fast.config import DiTConfig  # noqa: E402
+from s2v_fast.attention_sites import AttentionChoice  # noqa: E402
 from s2v_fast.kernels import attention as attn  # noqa: E402
+from s2v_fast.fast import set_precision  # noqa: E402
 
 # tiled vs plain VAE decode on smooth latents (fp32, TF32 off), max-abs over pixels in [-1, 1]
 # and PSNR (dB). The stem runs on whole frames and each tile's tail has a 64 px halo: what is left
@@ -118,7 +120,8 @@ class Smoke:
         m = m.to_empty(device=self.dev).to(torch.bfloat16)
         random_init_(m, seed=0)
         m.eval().requires_grad_(False)
-        m.precision = precision
+        attn.configure_attention(m, "auto")  # what the pipeline's default gives
+        set_precision(m, precision)
         return m
 
     def inputs(self, model):
@@ -151,14 +154,14 @@ class Smoke:
             if self.dev.type != "cuda" and name not in ("sdpa", "triton"):
                 continue  # CUDA-only backends
 
-            def backend(name=name):
-                with attn.attention_backend(name):
+            def backend(name=name):  # the self-attention site (the other sites keep auto)
+                with attn.attention_config(base, AttentionChoice("auto", (("self", name),))):
                     return check(compare(self.step(base), ref["fast"]), 1e-2, 0.9999)
 
             self.run(f"dit_attention_{name}", backend)
 
         def fp8_attention():
-            with attn.attention_backend("fp8"):
+            with attn.attention_config(base, "fp8"):  # serves the self site; the others: auto
                 return check(compare(self.step(base), ref["fast"]), 2e-2, 0.9998)
 
         self.run("dit_attention_fp8", fp8_attention)
@@ -167,14 +170,10 @@ class Smoke:
             from s2v_fast.quantization import quantize_dit
 
             m = self.model("fast")
-            prev = attn.get_attention_backend()
-            try:
-                quantize_dit(m, "fp8")  # fp8 linears, and fp8 self-attention with `auto`
-                row = check(compare(self.step(m), ref["fast"]), 0.10, 0.995)
-                row["attention"] = attn.get_attention_backend()
-                return row
-            finally:
-                attn.set_attention_backend(prev)
+            quantize_dit(m, "fp8")  # fp8 linears, and fp8 self-attention
+            row = check(compare(self.step(m), ref["fast"]), 0.10, 0.995)
+            row["attention"] = attn.configured_backends(m)["self"]
+            return row
 
         self.run("dit_quantization_fp8", quantized)
 
@@ -238,14 +237,10 @@ class Smoke:
         def fp8():
             from s2v_fast.quantization import quantize_dit
 
-            prev = attn.get_attention_backend()
-            try:
-                quantize_dit(ref["model"], "fp8")
-                row = check(compare(stream(ref["model"]), ref["bf16"]), 0.15, 0.99)
-                row["attention"] = attn.get_attention_backend()
-                return row
-            finally:
-                attn.set_attention_backend(prev)
+            quantize_dit(ref["model"], "fp8")
+            row = check(compare(stream(ref["model"]), ref["bf16"]), 0.15, 0.99)
+            row["attention"] = attn.configured_backends(ref["model"])["causal"]
+            return row
 
         self.run("streaming_bf16_vs_fp32", bf16)
         self.run("streaming_fp8_vs_bf16", fp8)

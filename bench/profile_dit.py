@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dit_common import build_random_dit, make_inputs  # noqa: E402
 
-from s2v_fast.kernels import attention as attn  # noqa: E402
+from s2v_fast.attention_sites import AttentionChoice  # noqa: E402
 from s2v_fast.profiling import ProfileOptions, ProfilerSession  # noqa: E402
 from s2v_fast.profiling.flops import dit_forward_flops, s2v_token_counts  # noqa: E402
+from s2v_fast.fast import set_precision  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +34,8 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=448)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--precision", default="fast", choices=["fast", "reference"])
-    ap.add_argument("--attention-backend", default=os.environ.get(attn.ENV_VAR, "auto"))
+    ap.add_argument("--attention-backend", default=os.environ.get("S2V_ATTENTION_BACKEND", "auto"),
+                    help="the self-attention site's backend (the other sites keep auto)")
     ap.add_argument("--preset", default="wan2.2-s2v-14b")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8"],
                     help="fp8: FP8 linears, and FP8 self-attention unless --attention-backend is named")
@@ -43,9 +45,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
-    attn.set_attention_backend(args.attention_backend)
-    model = build_random_dit(args.preset, device="cuda")
-    model.precision = args.precision
+    model = build_random_dit(args.preset, device="cuda",  # the self site; the others keep auto
+                             attention=AttentionChoice("auto", (("self", args.attention_backend),)))
+    set_precision(model, args.precision)
     if args.quantization != "none":
         from s2v_fast.quantization import quantize_dit
 

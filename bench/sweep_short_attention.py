@@ -20,7 +20,7 @@ from results_io import time_ms, write_results  # noqa: E402
 from s2v_fast.kernels.attention import _BACKENDS  # noqa: E402
 from s2v_fast.kernels.flash_attention import triton_attention  # noqa: E402
 from s2v_fast.kernels.short_attention import short_attention  # noqa: E402
-from s2v_fast.models.text_kv import compact_text_kv  # noqa: E402
+from s2v_fast.fast.text_kv import compact_text_kv  # noqa: E402
 
 H, D, COPY_GBS = 40, 128, 3000.0
 

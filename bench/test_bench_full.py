@@ -25,6 +25,7 @@ import bench_streaming
 from dit_common import build_random_dit, make_inputs, step_fn
 
 from s2v_fast.kernels import attention as attn
+from s2v_fast.fast import set_precision
 
 pytestmark = [pytest.mark.full, pytest.mark.gpu]
 
@@ -63,7 +64,7 @@ class TestStep14B:
         key = (size, kind)
         if key not in d["outs"]:
             model, inp = d["model"], self._inputs(d, size)
-            model.precision = kind
+            set_precision(model, kind)
             d["outs"][key] = (model(**inp) if kind == "reference" else step_fn(model, inp)()).float()
         return d["outs"][key]
 
@@ -71,7 +72,7 @@ class TestStep14B:
     def test_step_fast(self, measure, check, dit14b, size):
         ref = self._out(dit14b, size, "reference")
         model = dit14b["model"]
-        model.precision = "fast"
+        set_precision(model, "fast")
         out = measure(step_fn(model, self._inputs(dit14b, size)), rounds=3 if size == "448x832" else 2,
                       warmup_rounds=1, size=size, layers=model.config.num_layers)
         dit14b["outs"][(size, "fast")] = out.float()
@@ -80,7 +81,7 @@ class TestStep14B:
     def test_step_reference(self, measure, check, dit14b):
         ref = self._out(dit14b, "448x832", "reference")
         model = dit14b["model"]
-        model.precision = "reference"
+        set_precision(model, "reference")
         inp = self._inputs(dit14b, "448x832")
         out = measure(lambda: model(**inp), rounds=2, warmup_rounds=0, size="448x832")
         check(out.float(), ref, 1e-3, 0.99999, against="first_call")
@@ -90,7 +91,7 @@ class TestStep14B:
 
         fast = self._out(dit14b, "448x832", "fast")
         model = dit14b["model"]
-        model.precision = "fast"
+        set_precision(model, "fast")
         lw = enable_layerwise_offload(model, torch.device("cuda"))
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -106,15 +107,14 @@ class TestStep14B:
 
         ref = self._out(dit14b, "448x832", "reference")
         model = dit14b["model"]
-        prev = attn.get_attention_backend()
         try:
             quantize_dit(model, "fp8")  # in place: the last row of this class
-            model.precision = "fast"
+            set_precision(model, "fast")
             out = measure(step_fn(model, self._inputs(dit14b, "448x832")), rounds=3,
-                          warmup_rounds=1, size="448x832", attention=attn.get_attention_backend())
+                          warmup_rounds=1, size="448x832",
+                          attention=attn.configured_backends(model)["self"])
             check(out.float(), ref, 0.10, 0.995, against="reference")
         finally:
-            attn.set_attention_backend(prev)
             dit14b["outs"].clear()
 
 
@@ -139,24 +139,20 @@ class TestStreaming40:
     def test_streaming_fps(self, benchmark, measure, check, stream14b, mode):
         from s2v_fast.streaming.preset import StreamingSettings
 
-        prev = attn.get_attention_backend()
-        try:
-            if mode == "fp8":
-                from s2v_fast.quantization import quantize_dit
+        if mode == "fp8":
+            from s2v_fast.quantization import quantize_dit
 
-                if "bf16" not in stream14b["latents"]:
-                    stream14b["latents"]["bf16"] = self._run(stream14b)["latents"]
-                quantize_dit(stream14b["model"], "fp8")
-            res = measure(lambda: self._run(stream14b), rounds=2, warmup_rounds=1,
-                          blocks=self.BLOCKS, size="x".join(map(str, self.SIZE)), mode=mode)
-            row = bench_streaming.summarize(self.SIZE, mode, res, stream14b["model"],
-                                            StreamingSettings())
-            benchmark.extra_info.update({k: v for k, v in row.items()
-                                         if isinstance(v, (int, float, str))})
-            if mode == "bf16":
-                stream14b["latents"]["bf16"] = res["latents"]
-                assert torch.isfinite(res["latents"]).all()
-            else:
-                check(res["latents"], stream14b["latents"]["bf16"], 0.35, 0.95, against="bf16")
-        finally:
-            attn.set_attention_backend(prev)
+            if "bf16" not in stream14b["latents"]:
+                stream14b["latents"]["bf16"] = self._run(stream14b)["latents"]
+            quantize_dit(stream14b["model"], "fp8")
+        res = measure(lambda: self._run(stream14b), rounds=2, warmup_rounds=1,
+                      blocks=self.BLOCKS, size="x".join(map(str, self.SIZE)), mode=mode)
+        row = bench_streaming.summarize(self.SIZE, mode, res, stream14b["model"],
+                                        StreamingSettings())
+        benchmark.extra_info.update({k: v for k, v in row.items()
+                                     if isinstance(v, (int, float, str))})
+        if mode == "bf16":
+            stream14b["latents"]["bf16"] = res["latents"]
+            assert torch.isfinite(res["latents"]).all()
+        else:
+            check(res["latents"], stream14b["latents"]["bf16"], 0.35, 0.95, against="bf16")

@@ -51,6 +51,7 @@ from s2v_fast.kernels import attention as attn
 from s2v_fast.kernels import fp8_attention as fa8
 from s2v_fast.kernels import fp8_gemm as fg
 from s2v_fast.testing.latents import smooth_latents
+from s2v_fast.fast import set_precision
 
 pytestmark = pytest.mark.quick
 
@@ -162,7 +163,7 @@ def dit_section():
     model = _section()
     H, W, F = DIT_SHAPE
     inp = make_inputs(model, H, W, frames=F, batch=2, seed=H + W)
-    model.precision = "reference"
+    set_precision(model, "reference")
     with torch.no_grad():
         ref = model(**inp).float()
     yield dict(model=model, inp=inp, ref=ref)
@@ -176,24 +177,20 @@ def test_dit_section(measure, check, dit_section, mode):
     model, inp, ref = dit_section["model"], dit_section["inp"], dit_section["ref"]
     info = dict(layers=model.config.num_layers, dim=model.config.dim, shape="x".join(map(str, DIT_SHAPE)))
     if mode == "reference":
-        model.precision = "reference"
+        set_precision(model, "reference")
         out = measure(lambda: model(**inp), rounds=3, warmup_rounds=1, **info)
         check(out.float(), ref, 1e-3, 0.99999, against="first_call")
         return
-    prev = attn.get_attention_backend()
-    try:
-        if mode == "fp8":
-            from s2v_fast.quantization import quantize_dit
+    if mode == "fp8":
+        from s2v_fast.quantization import quantize_dit
 
-            model = _section()  # the same weights (seed), quantised in place
-            quantize_dit(model, "fp8", attention=CUDA)  # fp8 attention is GPU-only in speed
-            info["attention"] = attn.get_attention_backend()
-        model.precision = "fast"
-        out = measure(step_fn(model, inp), rounds=3, warmup_rounds=1, **info)
-        rel, cos = (1e-2, 0.9999) if mode == "fast" else (0.10, 0.995)
-        check(out.float(), ref, rel, cos, against="reference")
-    finally:
-        attn.set_attention_backend(prev)
+        model = _section()  # the same weights (seed), quantised in place
+        quantize_dit(model, "fp8", attention=CUDA)  # fp8 attention is GPU-only in speed
+        info["attention"] = attn.configured_backends(model)["self"]
+    set_precision(model, "fast")
+    out = measure(step_fn(model, inp), rounds=3, warmup_rounds=1, **info)
+    rel, cos = (1e-2, 0.9999) if mode == "fast" else (0.10, 0.995)
+    check(out.float(), ref, rel, cos, against="reference")
 
 
 # ----------------------------------------------------------------------------- VAE

@@ -103,8 +103,14 @@ def add_generate_args(p: argparse.ArgumentParser, profile: bool = False) -> None
                         "--attention-backend auto, FP8 self-attention; opt-in, changes numerics: see "
                         "README (default: none, the exact bf16 path)")
     g.add_argument("--attention-backend", choices=BACKEND_CHOICES, default=default_attention_backend(),
-                   help="attention kernels; auto times the available ones per shape on CUDA "
-                        "(default: $S2V_ATTENTION_BACKEND or auto)")
+                   help="attention kernels of every site; auto times the available ones per shape "
+                        "on CUDA; fp8 serves the self-attention sites and leaves the text and "
+                        "audio cross-attention to auto (default: $S2V_ATTENTION_BACKEND or auto)")
+    g.add_argument("--attention-site", action="append", default=None, metavar="SITE=BACKEND",
+                   help="one site's backend instead of --attention-backend's; sites: self "
+                        "(self-attention), text (prompt cross-attention), audio (audio "
+                        "injectors), causal (the liveavatar mode's block-causal attention); "
+                        "repeatable, e.g. --attention-site self=fp8 (default: none)")
     g.add_argument("--mode", choices=list(MODE_DEFAULTS), default="faithful",
                    help="faithful: Wan2.2-S2V's 40-step CFG sampler over 80-frame clips; "
                         "liveavatar: LiveAvatar's 4-step streaming mode (block-causal attention "
@@ -503,11 +509,11 @@ def one_line_warnings():
 def prepare_options(args, device, log) -> dict:
     """Check the precision / attention / offload / multi-GPU flags (no weights loaded) and
     return the matching ``S2VPipeline.from_pretrained`` keyword arguments."""
-    from .runtime import (OFFLOAD_FLAGS, apply_attention_backend, check_quantization,
+    from .runtime import (OFFLOAD_FLAGS, attention_choice, check_quantization,
                           offload_mode_from_flags, parallel_config_from_args, resolve_precision)
 
     offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
-    apply_attention_backend(args.attention_backend, device)
+    attention = attention_choice(args.attention_backend, args.attention_site or (), device)
     # --step-pipeline: every rank runs the whole model on its own step; no DiT parallelism
     parallel = None if args.step_pipeline else parallel_config_from_args(args)
     precision, note = resolve_precision(args.precision, device, offload=offload, parallel=parallel)
@@ -521,7 +527,14 @@ def prepare_options(args, device, log) -> dict:
             f"process(es)")
     quantization = check_quantization(args.quantization, offload=offload, parallel=parallel)
     return dict(precision=precision, offload=offload, free_encoders=offload is not None,
-                quantization=quantization, parallel=parallel)
+                quantization=quantization, parallel=parallel, attention_backend=attention)
+
+
+def describe_attention(model) -> str:
+    """``self=cudnn text=auto audio=auto causal=cudnn``: the backend each site of ``model`` uses."""
+    from .kernels.attention import configured_backends
+
+    return " ".join(f"{site}={b}" for site, b in configured_backends(model).items())
 
 
 def cmd_generate(args) -> int:
@@ -553,7 +566,8 @@ def cmd_generate(args) -> int:
             pipe.vae.enable_slicing()
         if args.vae_use_tiling:
             pipe.vae.enable_tiling()
-        log(f"Loaded in {time.perf_counter() - t0:.1f} s (precision {pipe.precision})")
+        log(f"Loaded in {time.perf_counter() - t0:.1f} s (precision {pipe.precision}; attention "
+            f"{describe_attention(pipe.dit_module)})")
         return _run(pipe, args, profile)
     finally:
         if lock is not None:

@@ -412,6 +412,9 @@ class LayerwiseOffloader:
             self._handles.append(blk.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(blk.register_forward_hook(self._make_post(i)))
         model._s2v_layerwise = self
+        # the declared fact a block runner reads (s2v_fast.fast): weights arrive per block, in
+        # the hooks or through before_block / after_block when a runner calls no module
+        model.block_streamer = self
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -516,6 +519,14 @@ class LayerwiseOffloader:
             self._mark_free(s)
         self._unbind(i)
 
+    def before_block(self, i: int) -> None:
+        """Block i's weights on the device (what its forward pre-hook does)."""
+        self._pre(i)
+
+    def after_block(self, i: int) -> None:
+        """Block i is done with its weights (its forward hook)."""
+        self._post(i)
+
     def _make_pre(self, i: int):
         def hook(module, args):
             self._pre(i)
@@ -566,6 +577,8 @@ class LayerwiseOffloader:
         self._packed = []
         if getattr(self.model, "_s2v_layerwise", None) is self:
             del self.model._s2v_layerwise
+        if getattr(self.model, "block_streamer", None) is self:
+            self.model.block_streamer = None
 
     remove = disable
 

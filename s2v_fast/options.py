@@ -131,7 +131,7 @@ class KernelTuning:
     fold_output: bool = _var(
         "S2V_FOLD_OUTPUT", True, _flag(),
         "`--precision fast`: fold attention over a few keys (audio injectors, short prompts) "
-        "into its output projection; `s2v_fast/models/folded_output.py`")
+        "into its output projection; `s2v_fast/fast/folded_output.py`")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class EnvOptions:
 
     attention_backend: str = _var(
         "S2V_ATTENTION_BACKEND", ATTENTION_BACKENDS[0], _choice(*ATTENTION_BACKENDS),
-        "Default of `--attention-backend` (and of the Python API's attention backend)")
+        "Default of `--attention-backend` (and of `from_pretrained(attention_backend=)`)")
     cache_dir: Optional[str] = _var(
         "S2V_FAST_CACHE", None, _path(),
         "Cache root: the tiny model set (`tiny-v2/`) and the compiled CUDA kernels (`kernels/`)",

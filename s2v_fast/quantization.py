@@ -9,8 +9,9 @@ keys are unchanged, so load first, then quantise):
   ``s2v_fast/kernels/fp8_gemm.py``): per block self-attention q, k, v, o, cross-attention q, k,
   v, o, FFN in/out; per audio injector q, k, v, o. Small or precision-critical linears (time and
   text embeddings, modulation, head, audio AdaLN, patch embedding) stay bf16.
-* With ``attention=True`` (default for "fp8") the global attention backend becomes ``"fp8"``
-  (``s2v_fast/kernels/fp8_attention.py``), for self- and text cross-attention.
+* With ``attention=True`` (default for "fp8") the model's self-attention sites (``self`` and the
+  streaming mode's ``causal``) use backend ``"fp8"`` (``s2v_fast/kernels/fp8_attention.py``); the
+  text and audio cross-attention keep theirs (their few keys do not pay for fp8).
 
 The model code calls ``F.linear(x, layer.weight, layer.bias)`` (``models/block.py: linear``) and
 reads ``layer.weight.dtype``. :class:`FP8Linear` therefore exposes ``weight`` as a small tensor
@@ -126,7 +127,12 @@ class FP8Linear(nn.Module):
 
     Buffers: ``weight_fp8`` [out, in] float8_e4m3fn, ``weight_scale`` [out] fp32; ``bias`` stays a
     parameter in the original dtype. Output dtype = the original weight dtype (bf16 in production).
-    A state dict with a plain ``weight`` key (an original checkpoint) loads too: it is quantised."""
+    A state dict with a plain ``weight`` key (an original checkpoint) loads too: it is quantised.
+
+    ``weight_format = "fp8"`` is the declared fact the fast path plans with (``nn.Linear`` is
+    "dense"): a GELU before it fuses into the activation quantiser, and it cannot be folded."""
+
+    weight_format = "fp8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  dtype: torch.dtype = torch.bfloat16, device=None, use_fast_accum: bool = False):
@@ -247,8 +253,8 @@ def quantize_dit(model: nn.Module, mode: str = "fp8", *, attention=None,
     its fp8 copy exists, so peak memory grows by one weight, not by the model).
 
     ``mode``: "fp8" or "none" (no-op). ``attention``: True / "fp8" (default for mode "fp8")
-    switches the global attention backend to "fp8"; False leaves it alone; another backend name
-    sets that one. ``groups``: which linears (see :data:`GROUPS`). ``use_fast_accum``: fp8 GEMM
+    sets the self-attention sites (``self``, ``causal``) to backend "fp8"; False leaves them
+    alone; another backend name sets that one. ``groups``: which linears (see :data:`GROUPS`). ``use_fast_accum``: fp8 GEMM
     fast accumulation (faster, less accurate; off by default).
     Call it before the first denoising step: the fast path caches per-clip text/audio K/V made
     with the linears of its first call. Returns the model (``model.quantization`` = mode)."""
@@ -269,9 +275,12 @@ def quantize_dit(model: nn.Module, mode: str = "fp8", *, attention=None,
     if attention is None or attention is True:
         attention = "fp8"
     if attention:
-        from .kernels.attention import set_attention_backend
+        from .kernels.attention import backend_fn
 
-        set_attention_backend(str(attention))
+        fn = backend_fn(str(attention))
+        for slot in model.attention_slots():
+            if slot.site in ("self", "causal"):
+                slot.set(str(attention), fn)
     return model
 
 

@@ -27,20 +27,29 @@ def default_attention_backend() -> str:
     return env_options().attention_backend
 
 
-def apply_attention_backend(name: str, device=None) -> str:
-    """``set_attention_backend(name)``; an unusable backend is a one-line InputError."""
-    from .kernels.attention import set_attention_backend
+def attention_choice(name: Optional[str] = None, sites=(), device=None):
+    """The validated :class:`~s2v_fast.attention_sites.AttentionChoice` of ``--attention-backend``
+    (``name``; default ``S2V_ATTENTION_BACKEND``) and ``--attention-site`` (``sites``); an unusable
+    backend, a bad site or a backend that does not serve its site is a one-line InputError."""
+    from .attention_sites import AttentionChoice
+    from .kernels.attention import effective_backends
 
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda" and name in _CUDA_ONLY_BACKENDS and not (
-            name in ("triton", "fp8") and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise InputError(f"--attention-backend {name} needs a CUDA device; on the CPU use "
-                         "--attention-backend auto or sdpa")
     try:
-        set_attention_backend(name)
+        choice = AttentionChoice.parse(name or default_attention_backend(), sites)
     except ValueError as e:
         raise InputError(str(e)) from None
-    return name
+    dev = torch.device(device) if device is not None else None
+    named = {choice.default, *(b for _, b in choice.overrides)}
+    for b in sorted(named):
+        if dev is not None and dev.type != "cuda" and b in _CUDA_ONLY_BACKENDS and not (
+                b in ("triton", "fp8") and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise InputError(f"attention backend {b} needs a CUDA device; on the CPU use "
+                             "--attention-backend auto or sdpa")
+    try:
+        effective_backends(choice)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return choice
 
 
 # ----------------------------------------------------------------------------- offload

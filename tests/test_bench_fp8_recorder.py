@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_fp8  # noqa: E402
 from s2v_fast import S2VTransformer  # noqa: E402
 from s2v_fast.config import DiTConfig  # noqa: E402
+from s2v_fast.fast import set_precision
 from test_fast_path import _bf16_inputs  # noqa: E402
 
 
@@ -29,11 +30,11 @@ def test_recorded_rows_clips_indices_past_a_shorter_output():
 def test_block_recorder_survives_the_shorter_last_block():
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = _bf16_inputs(model.config)  # CFG batch of 2
     seen = {}
     with bench_fp8.BlockRecorder(n_tokens=10 ** 6) as rec:  # every row of the input
-        from s2v_fast.models import fast_path
+        from s2v_fast.fast import blocks as fast_path
 
         inner = fast_path.fast_block
 

@@ -23,15 +23,6 @@ def files(tmp_path_factory):
     return dict(image=write_image(d / "face.png"), audio=write_wav(d / "a.wav", 1.0))
 
 
-@pytest.fixture(autouse=True)
-def _restore_attention_backend():
-    from s2v_fast.kernels import attention
-
-    prev = attention.get_attention_backend()
-    yield
-    attention.set_attention_backend(prev)
-
-
 def _args(files, out, *extra, command="generate"):
     return [command, "--model", "tiny", "--device", "cpu", "--image", files["image"],
             "--audio", files["audio"], "--output", str(out), "--max-area", "64*64",
@@ -158,20 +149,35 @@ def test_cli_precision_reaches_the_model(files, tmp_path, monkeypatch, tiny_cach
 
 
 # ----------------------------------------------------------------------------- attention backend
-def test_attention_backend_is_set_before_loading(files, tmp_path, monkeypatch, tiny_cache):
+def test_attention_backend_and_sites_reach_the_loaded_dit(files, tmp_path, monkeypatch, tiny_cache,
+                                                          capsys):
+    """--attention-backend and --attention-site travel to from_pretrained as one AttentionChoice
+    and configure that pipeline's DiT (every site), which the run summary prints."""
     from s2v_fast.kernels import attention
 
     monkeypatch.setenv("S2V_FAST_CACHE", tiny_cache)
-    backend_at_load = []
+    loaded = []
     real = S2VPipeline.from_pretrained.__func__
 
     def from_pretrained(cls, *a, **k):
-        backend_at_load.append(attention.get_attention_backend())
-        return real(cls, *a, **k)
+        loaded.append(real(cls, *a, **k))
+        return loaded[-1]
 
     monkeypatch.setattr(S2VPipeline, "from_pretrained", classmethod(from_pretrained))
-    assert cli.main(_args(files, tmp_path / "o.mp4", "--attention-backend", "sdpa")) == 0
-    assert backend_at_load == ["sdpa"]
+    assert cli.main(_args(files, tmp_path / "o.mp4", "--attention-backend", "sdpa",
+                          "--attention-site", "text=triton")) == 0
+    assert attention.configured_backends(loaded[0].dit_module) == dict(
+        self="sdpa", text="triton", audio="sdpa", causal="sdpa")
+    assert "attention self=sdpa text=triton audio=sdpa causal=sdpa" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("site, needle", [("text", "--attention-site 'text': use SITE=BACKEND"),
+                                          ("cross=sdpa", "unknown site"),
+                                          ("text=fp8", "does not serve the text site")])
+def test_bad_attention_site_is_one_line(site, needle, files, tmp_path, capsys):
+    assert cli.main(_args(files, tmp_path / "o.mp4", "--attention-site", site)) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], err
 
 
 @pytest.mark.parametrize("backend, needle", [("flash_attn", "flash-attn package"),

@@ -7,6 +7,7 @@ import pytest
 
 from s2v_fast import S2VTransformer
 from s2v_fast.config import DiTConfig
+from s2v_fast.fast import set_precision
 from util import fixture, load_fixture, rel_err
 
 
@@ -17,7 +18,7 @@ def _golden_model():
 def test_fast_path_reproduces_golden_fp32():
     """fp32 golden cases through the fast path: the kernels' fp32 variants keep 1e-5."""
     model = _golden_model()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = load_fixture("dit", "inputs.safetensors")
     for case, x, t, ctx, cond, audio, drop in [
         ("clip1_with_motion", "x_clip1", "t_clip1", "context_pos", "cond_zero", "audio_clip1", False),
@@ -53,7 +54,7 @@ def test_fast_matches_reference_bf16_tiny(drop):
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
     inp = _bf16_inputs(model.config)
     ref = model(**inp, drop_motion_frames=drop)
-    model.precision = "fast"
+    set_precision(model, "fast")
     out = model(**inp, drop_motion_frames=drop)
     l2 = ((out - ref).norm() / ref.norm()).item()
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
@@ -63,7 +64,7 @@ def test_fast_matches_reference_bf16_tiny(drop):
 def test_fast_clip_cache_is_reused_across_steps():
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = _bf16_inputs(model.config)
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **inp)
@@ -76,13 +77,15 @@ def test_fast_clip_cache_is_reused_across_steps():
 
 def test_ffn_residual_fuses_next_norm1_where_nothing_sits_between(monkeypatch):
     """Block i's FFN residual also computes block i+1's norm1 (one fused kernel) unless audio
-    injection follows block i or block i+1 loads its weights in a pre-hook (offload). The tiny
-    config injects after blocks 0, 2, 3 of 4, so exactly one transition (1 -> 2) fuses.
+    injection follows block i or the model declares a block streamer (layerwise offload: block
+    i+1's weights arrive only when it starts; the runner then calls the streamer around every
+    block). The tiny config injects after blocks 0, 2, 3 of 4, so exactly one transition (1 -> 2)
+    fuses.
 
     Fused vs unfused: x_new is the same fp32 arithmetic; the LayerNorm statistics are reduced in
     a different kernel, so h may differ by a bf16 ulp, which propagates: bound rel L2 <= 5e-3
     (the bf16 fast-vs-reference bound above is 1e-2)."""
-    from s2v_fast.models import fast_path
+    from s2v_fast.fast import blocks as fast_path
 
     calls = []
     fused = fast_path.gated_residual_norm_modulate
@@ -90,16 +93,26 @@ def test_ffn_residual_fuses_next_norm1_where_nothing_sits_between(monkeypatch):
                         lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = _bf16_inputs(model.config)
     out = model(**inp)
     assert len(calls) == 1
-    handles = [b.register_forward_pre_hook(lambda m, a: None) for b in model.blocks]
+    class Streamer:  # what layerwise offload declares (s2v_fast.offload.LayerwiseOffloader)
+        def __init__(self):
+            self.events = []
+
+        def before_block(self, i):
+            self.events.append(("in", i))
+
+        def after_block(self, i):
+            self.events.append(("out", i))
+
+    model.block_streamer = streamer = Streamer()
     calls.clear()
     unfused = model(**inp)
-    for hnd in handles:
-        hnd.remove()
+    model.block_streamer = None
     assert not calls
+    assert streamer.events == [(e, i) for i in range(len(model.blocks)) for e in ("in", "out")]
     assert ((out - unfused).float().norm() / unfused.float().norm()).item() <= 5e-3
 
 
@@ -111,7 +124,7 @@ def test_cfg_rows_share_block0_self_attention(monkeypatch):
     bound is a bf16 ulp flip propagated: 2e-3 rel L2)."""
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = _bf16_inputs(model.config)
     x1 = inp.pop("x")[:1]
     inp.pop("t")
@@ -127,7 +140,7 @@ def test_cfg_rows_share_block0_self_attention(monkeypatch):
     assert all(b == 2 for _, b in rows)
     assert shared.shape == twice.shape == (2, *x1.shape[1:])
     assert ((shared - twice).float().norm() / twice.float().norm()).item() <= 2e-3
-    model.precision = "reference"  # the reference path broadcasts a batch-1 x the same way
+    set_precision(model, "reference")  # the reference path broadcasts a batch-1 x the same way
     assert torch.equal(model(x=x1, t=torch.tensor([749]), **inp),
                        model(x=x1.repeat(2, 1, 1, 1, 1), t=torch.tensor([749, 749]), **inp))
 
@@ -138,7 +151,7 @@ def test_fast_cfg_batch_reproduces_golden_fp32():
     from s2v_fast.denoiser import CFGDenoiser
 
     model = _golden_model()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = load_fixture("dit", "inputs.safetensors")
     kw = dict(context=inp["context_pos"], context_null=inp["context_neg"],
               ref_latents=inp["ref_latents"], motion_latents=inp["motion_latents"], cond=None,
@@ -155,7 +168,7 @@ def test_fast_cfg_batch_reproduces_golden_fp32():
 def test_last_block_computes_only_the_noisy_rows(monkeypatch):
     """The head reads the noisy tokens only, so the last block's queries (and everything after its
     attention) cover [0, Lv); earlier blocks keep every token. Outputs: the goldens above."""
-    from s2v_fast.models import fast_path
+    from s2v_fast.fast import blocks as fast_path
 
     seen = []
     text_out = fast_path.text_attention_output
@@ -163,7 +176,7 @@ def test_last_block_computes_only_the_noisy_rows(monkeypatch):
                         lambda q, *a: seen.append(q.shape[1]) or text_out(q, *a))
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to(torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = _bf16_inputs(model.config)
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=2, **inp)

@@ -1,4 +1,4 @@
-"""Cross-attention folded into its output projection (models/folded_output.py).
+"""Cross-attention folded into its output projection (fast/folded_output.py).
 
 y = P @ (Wo.V) + bo must equal Wo.(P @ V) + bo: checked in float64 (exact up to fp64 rounding),
 then the probability kernels against their torch references (CPU: Triton interpreter; @gpu: bf16
@@ -19,9 +19,10 @@ from s2v_fast.kernels.audio_injection import (
 )
 from s2v_fast.kernels.flash_attention import attention_reference
 from s2v_fast.kernels.short_attention import short_attention_probs, short_attention_probs_reference
-from s2v_fast.models import folded_output
-from s2v_fast.models.folded_output import fold_frame_values, fold_text_values, fold_text_worth_it
-from s2v_fast.models.text_kv import compact_text_kv, compacted_key_counts, text_attention_output
+from s2v_fast.fast import folded_output
+from s2v_fast.fast.folded_output import fold_frame_values, fold_text_values, fold_text_worth_it
+from s2v_fast.fast.text_kv import compact_text_kv, compacted_key_counts, text_attention_output
+from s2v_fast.fast import set_precision
 
 from util import DEV
 
@@ -120,7 +121,7 @@ def test_text_attention_output_folds_only_short_prompts(monkeypatch):
     assert keys == (5, 61)
     assert fold_text_worth_it(H, 5, o) and not fold_text_worth_it(H, 61, o)
     calls = []
-    import s2v_fast.models.text_kv as tk
+    import s2v_fast.fast.text_kv as tk
     real = tk.short_attention_probs
     monkeypatch.setattr(tk, "short_attention_probs", lambda *a, **kw: calls.append(a[1].shape[1]) or real(*a, **kw))
     y = text_attention_output(q, kc, vc, bias, keys, o)
@@ -143,8 +144,8 @@ def test_fast_dit_folds_audio_and_text(monkeypatch):
     """The tiny bf16 DiT on the fast path folds every audio injector and both (short) prompts."""
     from s2v_fast import S2VTransformer
     from s2v_fast.config import DiTConfig
-    import s2v_fast.models.fast_path as fp
-    import s2v_fast.models.text_kv as tk
+    import s2v_fast.fast.blocks as fp
+    import s2v_fast.fast.text_kv as tk
 
     from test_fast_path import _bf16_inputs
 
@@ -156,7 +157,7 @@ def test_fast_dit_folds_audio_and_text(monkeypatch):
     real_f, real_t = fp.fold_frame_values, tk.fold_text_values
     monkeypatch.setattr(fp, "fold_frame_values", lambda *a: counts.__setitem__("audio", counts["audio"] + 1) or real_f(*a))
     monkeypatch.setattr(tk, "fold_text_values", lambda *a: counts.__setitem__("text", counts["text"] + 1) or real_t(*a))
-    model.precision = "fast"
+    set_precision(model, "fast")
     out = model(**inp)
     cfg = model.config
     assert counts == {"audio": len(model.audio_injector.injector), "text": 2 * cfg.num_layers}

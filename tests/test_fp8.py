@@ -26,8 +26,9 @@ from s2v_fast.errors import InputError
 from s2v_fast.kernels import fp8_attention as fa8
 from s2v_fast.kernels import fp8_gemm as fg
 from s2v_fast.kernels import fp8_quant as fq
-from s2v_fast.kernels.attention import get_attention_backend, set_attention_backend
+from s2v_fast.kernels.attention import configured_backends
 from s2v_fast.testing.attention_inputs import make_realistic_qkv
+from s2v_fast.fast import set_precision
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -229,19 +230,18 @@ def test_k_scale_setting(monkeypatch):
 
 
 def test_fp8_attention_backend_registered(monkeypatch):
-    from s2v_fast.kernels.attention import attention, attention_backend, available_attention_backends
+    from s2v_fast.kernels.attention import attention, available_attention_backends, backend_info
 
     assert "fp8" in available_attention_backends()
+    assert backend_info("fp8").fp8 and not backend_info("fp8").serves("text")
     monkeypatch.setattr(fa8, "FP8_MIN_KEYS", 48)
     q, k, v = make_realistic_qkv(1, 40, 2, 64, 64, seed=2)
-    with attention_backend("fp8"):
-        got = attention(q, k, v)  # 64 keys >= FP8_MIN_KEYS: the fp8 kernel
-        short = attention(q, k[:, :40], v[:, :40])  # 40 keys: bf16 `auto` (sdpa on the CPU)
+    got = attention(q, k, v, "fp8")  # 64 keys >= FP8_MIN_KEYS: the fp8 kernel
+    short = attention(q, k[:, :40], v[:, :40], "fp8")  # 40 keys: bf16 `auto` (sdpa on the CPU)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert torch.equal(got, fa8.fp8_attention(q, k, v))
     assert fg.accuracy(got, fa8.attention_fp32(q, k, v))["cosine"] >= 0.999
-    with attention_backend("auto"):
-        assert torch.equal(short, attention(q, k[:, :40], v[:, :40]))
+    assert torch.equal(short, attention(q, k[:, :40], v[:, :40], "auto"))
 
 
 # ----------------------------------------------------------------------------- quantize_dit
@@ -318,25 +318,22 @@ def test_quantize_dit_tiny():
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     inp = _tiny_inputs(model.config)
     ref = model(**inp)
-    prev = get_attention_backend()
-    try:
-        assert quantize_dit(model, "none") is model and not quantized_linears(model)
-        quantize_dit(model, "fp8")
-        assert get_attention_backend() == "fp8"
-        names = quantized_linears(model)
-        n_blocks, n_inj = len(model.blocks), len(model.audio_injector.injector)
-        assert len(names) == 10 * n_blocks + 4 * n_inj
-        assert isinstance(model.blocks[0].ffn[2], FP8Linear) and "head.head" not in names
-        out = model(**inp)
-        acc = fg.accuracy(out, ref)
-        assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.03, acc
-        # original (unquantised) checkpoint keys load into the quantised model, strictly
-        w8 = model.blocks[1].ffn[0].weight_fp8.clone()
-        model.blocks[1].ffn[0].weight_fp8.zero_()
-        model.load_state_dict(sd)
-        assert torch.equal(_bits(model.blocks[1].ffn[0].weight_fp8), _bits(w8))
-    finally:
-        set_attention_backend(prev)
+    assert quantize_dit(model, "none") is model and not quantized_linears(model)
+    quantize_dit(model, "fp8")
+    assert configured_backends(model) == dict(self="fp8", text="reference", audio="reference",
+                                              causal="fp8")
+    names = quantized_linears(model)
+    n_blocks, n_inj = len(model.blocks), len(model.audio_injector.injector)
+    assert len(names) == 10 * n_blocks + 4 * n_inj
+    assert isinstance(model.blocks[0].ffn[2], FP8Linear) and "head.head" not in names
+    out = model(**inp)
+    acc = fg.accuracy(out, ref)
+    assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.03, acc
+    # original (unquantised) checkpoint keys load into the quantised model, strictly
+    w8 = model.blocks[1].ffn[0].weight_fp8.clone()
+    model.blocks[1].ffn[0].weight_fp8.zero_()
+    model.load_state_dict(sd)
+    assert torch.equal(_bits(model.blocks[1].ffn[0].weight_fp8), _bits(w8))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -410,14 +407,10 @@ def test_gpu_quantize_dit_tiny_fast_path():
 
     torch.manual_seed(0)
     model = S2VTransformer(DiTConfig.preset("tiny")).to("cuda", torch.bfloat16).eval()
-    model.precision = "fast"
+    set_precision(model, "fast")
     inp = {k: (v.cuda() if torch.is_tensor(v) else [c.cuda() for c in v] if isinstance(v, list) else v)
            for k, v in _tiny_inputs(model.config, lh=16, lw=24, F=3).items()}
     ref = model(**inp)
-    prev = get_attention_backend()
-    try:
-        quantize_dit(model, "fp8")
-        acc = fg.accuracy(model(**inp), ref)
-        assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.03, acc
-    finally:
-        set_attention_backend(prev)
+    quantize_dit(model, "fp8")
+    acc = fg.accuracy(model(**inp), ref)
+    assert acc["cosine"] >= 0.999 and acc["rel_l2"] <= 0.03, acc

@@ -115,8 +115,7 @@ def test_registered_and_in_auto():
     assert "cuda" in attn.available_attention_backends()
     assert attn.check_attention_backend("cuda") == "cuda"
     q, k, v = make(1, 300, 300, 2, seed=9)
-    with attn.attention_backend("cuda"):
-        out = attn.attention(q, k, v)
+    out = attn.attention(q, k, v, "cuda")
     assert (out.double() - attention_reference(q, k, v).double()).abs().max().item() <= TOL
 
 
@@ -266,8 +265,7 @@ def test_fp8_matches_emulation_and_triton(B, Lq, Lk, H, k_scale):
 def test_fp8_backend_runs_the_cuda_kernel(monkeypatch):
     q, k, v = make_realistic_qkv(1, 4096, 2, 128, seed=1, device="cuda")
     assert fa8.cuda_fp8_usable(q, k, v)
-    with attn.attention_backend("fp8"):
-        out = attn.attention(q, k, v)
+    out = attn.attention(q, k, v, "fp8")
     assert not fa8.FALLBACKS.get("cuda")
     assert torch.equal(out, ca.cuda_fp8_attention(q, k, v))
     monkeypatch.setenv("S2V_FP8_ATTN_IMPL", "triton")

@@ -12,6 +12,7 @@ from s2v_fast.config import DiTConfig
 from s2v_fast.models.dit import S2VTransformer
 from s2v_fast.offload import (LayerwiseOffloader, ModelOffloader, enable_layerwise_offload,
                               peak_memory_summary)
+from s2v_fast.fast import set_precision
 
 
 def _tiny(device="cpu", dtype=torch.float32):
@@ -70,7 +71,7 @@ def test_layerwise_forward_step_path_matches(precision):
     """The pipeline path: conditions prepared once, forward_step per sampling step (the fast
     path calls its blocks through their hooks and computes each block's text K/V lazily)."""
     model = _tiny()
-    model.precision = precision
+    set_precision(model, precision)
     inp = _inputs(model)
     x, t = inp.pop("x"), inp.pop("t")
     cond = model.prepare_conditions(num_frames=x.shape[2], batch_size=x.shape[0], **inp)
@@ -363,7 +364,7 @@ def test_peak_memory_summary(monkeypatch):
                                              (torch.bfloat16, "fast")])
 def test_gpu_layerwise_matches_and_frees_memory(dtype, precision):
     model = _tiny("cuda", dtype)
-    model.precision = precision
+    set_precision(model, precision)
     inp = _inputs(model)
     ref = [model(**inp) for _ in range(2)]
     torch.cuda.synchronize()

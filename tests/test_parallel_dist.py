@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from s2v_fast.fast import set_precision
 
 TOL = 1e-5
 # (isend/irecv are not wrapped: P2POp checks their identity; ring P2P is batch_isend_irecv)
@@ -228,7 +229,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, out_path: str) -> None:
             else:
                 model = ref_model(ck)
             if name.endswith("_fast"):
-                model.precision = "fast"
+                set_precision(model, "fast")
             pdit = parallelize(model, st)
             counter.watch_injection(model)
             for kind in kinds:

@@ -57,14 +57,14 @@ def test_gpu_pipeline_offload_and_precision(tiny_dir):
 def test_gpu_pipeline_fp8_picks_fp8_self_attention(tiny_dir):
     """--quantization fp8 with the default `auto` attention runs self-attention in fp8; a backend
     the user named is kept."""
-    from s2v_fast.kernels.attention import attention_backend, get_attention_backend
+    from s2v_fast.kernels.attention import configured_backends
     from s2v_fast.quantization import quantized_linears
 
-    with attention_backend("auto"):
-        pipe = S2VPipeline.from_pretrained(tiny_dir, device="cuda", quantization="fp8")
-        assert get_attention_backend() == "fp8" and quantized_linears(pipe.dit_module)
-        lat, video = _clip(pipe, steps=2)
-        assert torch.isfinite(lat).all() and torch.isfinite(video).all()
-    with attention_backend("auto"):
-        S2VPipeline.from_pretrained(tiny_dir, device="cuda", quantization="fp8", attention_backend="cudnn")
-        assert get_attention_backend() == "cudnn"
+    pipe = S2VPipeline.from_pretrained(tiny_dir, device="cuda", quantization="fp8")
+    assert configured_backends(pipe.dit_module) == dict(self="fp8", text="auto", audio="auto",
+                                                        causal="fp8")
+    assert quantized_linears(pipe.dit_module)
+    lat, video = _clip(pipe, steps=2)
+    assert torch.isfinite(lat).all() and torch.isfinite(video).all()
+    pipe = S2VPipeline.from_pretrained(tiny_dir, device="cuda", quantization="fp8", attention_backend="cudnn")
+    assert configured_backends(pipe.dit_module)["self"] == "cudnn"

@@ -1,7 +1,7 @@
 """Compacted text cross-attention keys (spec §10.7) and the flash kernel's per-key bias.
 
 Attention over a prompt's rows + one padding key with logit bias ln(#padding) must equal attention
-over all text_len keys whose padding rows are identical (models/text_kv.py). CPU runs the Triton
+over all text_len keys whose padding rows are identical (fast/text_kv.py). CPU runs the Triton
 kernel in the interpreter (dot operands upcast, see test_kernels_flash_attention.py); @gpu runs
 the bf16 tensor-core kernel.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from s2v_fast.kernels.flash_attention import FLASH_CONFIGS, attention_reference, triton_attention
-from s2v_fast.models.text_kv import compact_text_kv, text_attention
+from s2v_fast.fast.text_kv import compact_text_kv, text_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,10 +1,13 @@
-"""The single attention entry point of the DiT (the dispatcher), and the table of its backends.
+"""The attention dispatcher of the DiT, the table of its backends, and the per-site configuration.
 
-``attention(q, k, v)``: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
-Dense, unmasked, non-causal softmax attention with scale 1/sqrt(D) (spec §4.10, §10.6). Every
-S2V attention (self, text cross, audio per-frame cross) has this contract.
+``attention(q, k, v, backend="auto")``: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in
+q's dtype. Dense, unmasked, non-causal softmax attention with scale 1/sqrt(D) (spec §4.10,
+§10.6). Every S2V attention (self, text cross, audio per-frame cross, block-causal) has this
+contract. There is no process-wide backend: :func:`configure_attention` fills a model's
+per-site slots (``s2v_fast/attention_sites.py``) from an ``AttentionChoice``.
 
-Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
+Backends (``--attention-backend`` for every site, ``--attention-site SITE=NAME`` for one; the
+default comes from env ``S2V_ATTENTION_BACKEND``):
 
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, PyTorch picks the kernel.
 * ``cudnn``: SDPA restricted to cuDNN attention (the official code's fastest path on H100).
@@ -15,30 +18,33 @@ Backends (``--attention-backend`` / env ``S2V_ATTENTION_BACKEND``):
   and nvcc are present.
 * ``fp8``: our FP8 attention (``fp8_attention.py``; opt-in, changes numerics: per-token Q/K e4m3
   scales, K mean-centred): the CUDA kernel ``csrc/fp8_attention_sm90.cu`` on Hopper with nvcc,
-  else the Triton kernel; self-attention only (short key sequences take the bf16 ``auto`` choice).
+  else the Triton kernel; it serves the long-key sites (self, causal) only: as the default backend
+  the text and audio sites take ``auto``, and calls with few keys take the bf16 ``auto`` choice.
 * ``flash_attn``: the ``flash_attn`` package (FlashAttention-3 ``flash_attn_interface`` when
   importable, else FlashAttention-2); only listed when installed.
 * ``auto`` (default): on CUDA, the first call of each shape class times every available
   candidate (cuDNN always among them) on the real inputs and keeps the fastest whose output
   agrees with cuDNN; so ``auto`` is never slower than cuDNN SDPA. On CPU it is ``sdpa``.
 
-This module imports the backends and registers them (``registry.py``; other modules may add
-backends with ``register_attention_backend(name, fn)``); the backends import the registry, the
+This module imports the backends and registers them with their declared capabilities
+(``registry.py``; other modules may add backends with ``register_attention_backend(name, fn)``); the backends import the registry, the
 SDPA functions (``sdpa.py``) and the ``auto`` resolver (``auto.py``), never this module.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-from ..options import ATTENTION_BACKENDS, env_options
+from ..attention_sites import SITES, AttentionChoice
+from ..options import ATTENTION_BACKENDS
 from .auto import AUTO_CANDIDATES, AUTO_MIN_SCORES, auto_choices, resolve_auto  # noqa: F401 (API)
 from .registry import (  # noqa: F401 (API: register_attention_backend, _BACKENDS for benchmarks)
     _BACKENDS,
     AttentionFn,
     attention_backend_fn,
+    backend_info,
     register_attention_backend,
     registered_attention_backends,
 )
@@ -94,22 +100,26 @@ def _flash_attn_fn() -> Optional[AttentionFn]:
         return None
 
 
+def _triton_bias(q, k, v, key_bias):
+    from .flash_attention import triton_attention
+
+    return triton_attention(q, k, v, key_bias=key_bias)
+
+
 register_attention_backend("sdpa", sdpa_attention)
 register_attention_backend("cudnn", cudnn_attention)
 register_attention_backend("sdpa_flash", sdpa_flash_attention)
-register_attention_backend("triton", triton_backend)
+register_attention_backend("triton", triton_backend, bias_fn=_triton_bias)
 _fa = _flash_attn_fn()
 if _fa is not None:
     register_attention_backend("flash_attn", _fa)
 del _fa
 if _cuda_backend_listed():
     register_attention_backend("cuda", cuda_backend)
-if fp8_attention_backend is not None:
-    register_attention_backend("fp8", fp8_attention_backend)
+if fp8_attention_backend is not None:  # its calls below FP8_MIN_KEYS take `auto`: long-key sites
+    register_attention_backend("fp8", fp8_attention_backend, sites=("self", "causal"), fp8=True)
 
 BACKEND_CHOICES = ATTENTION_BACKENDS
-
-_current = env_options().attention_backend
 
 
 def available_attention_backends() -> list:
@@ -133,32 +143,73 @@ def check_attention_backend(name: str) -> str:
                      f"{', '.join(available_attention_backends())}")
 
 
-def set_attention_backend(name: str) -> None:
-    global _current
-    _current = check_attention_backend(name)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Dense softmax attention, q [B,Lq,H,D], k/v [B,Lk,H,D] -> [B,Lq,H,D], with ``backend``
+    (``auto``: the fastest that agrees with cuDNN for this shape class, see ``auto.py``)."""
+    name = resolve_auto(q, k, v) if backend == "auto" else backend
+    fn = attention_backend_fn(name)
+    if fn is None:
+        check_attention_backend(name)
+    return fn(q, k, v)
 
 
-def get_attention_backend() -> str:
-    return _current
+def _auto_fn(q, k, v):
+    return attention_backend_fn(resolve_auto(q, k, v))(q, k, v)
+
+
+def backend_fn(name: str) -> AttentionFn:
+    """The function a site configured with backend ``name`` calls."""
+    return _auto_fn if name == "auto" else attention_backend_fn(check_attention_backend(name))
+
+
+def effective_backends(choice: AttentionChoice) -> Dict[str, str]:
+    """site -> backend for ``choice``; ValueError (one line) for an unusable or unknown backend
+    or a site override the backend does not serve. A default backend that declares it does not
+    serve a site leaves that site to ``auto``."""
+    out = {}
+    for site in SITES:
+        explicit = choice.explicit(site)
+        name = check_attention_backend(explicit or choice.default)
+        info = backend_info(name)
+        if info is not None and not info.serves(site):
+            if explicit:
+                raise ValueError(f"attention backend {name!r} does not serve the {site} site "
+                                 f"(it serves {', '.join(sorted(info.sites))}); pick another "
+                                 f"backend for --attention-site {site}=...")
+            name = "auto"
+        out[site] = name
+    return out
+
+
+def configure_attention(target, choice=None) -> Dict[str, str]:
+    """Fill every attention slot of ``target`` (anything with ``attention_slots()``: the DiT, the
+    causal runner) from ``choice`` (an :class:`AttentionChoice` or a backend name for all sites);
+    returns the effective site -> backend map. ValueError as :func:`effective_backends`."""
+    if choice is None or isinstance(choice, str):
+        choice = AttentionChoice(choice or "auto")
+    eff = effective_backends(choice)
+    for slot in target.attention_slots():
+        slot.set(eff[slot.site], backend_fn(eff[slot.site]))
+    return eff
+
+
+def configured_backends(target) -> Dict[str, str]:
+    """site -> the backend its slots use now (``"mixed"`` if slots of one site differ)."""
+    out: Dict[str, str] = {}
+    for slot in target.attention_slots():
+        prev = out.setdefault(slot.site, slot.backend)
+        if prev != slot.backend:
+            out[slot.site] = "mixed"
+    return out
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """Temporarily use backend ``name`` (``with attention_backend("triton"): ...``)."""
-    global _current
-    prev, _current = _current, check_attention_backend(name)
+def attention_config(target, choice=None):
+    """``configure_attention(target, choice)`` for a ``with`` block; the slots get their previous
+    backends back on exit (benchmarks and tests that compare backends on one model)."""
+    saved = [(slot, slot.backend, slot.fn) for slot in target.attention_slots()]
     try:
-        yield
+        yield configure_attention(target, choice)
     finally:
-        _current = prev
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense softmax attention, q [B,Lq,H,D], k/v [B,Lk,H,D] -> [B,Lq,H,D]."""
-    name = _current
-    if name == "auto":
-        name = resolve_auto(q, k, v)
-    fn = attention_backend_fn(name)
-    if fn is None:  # e.g. a bad S2V_ATTENTION_BACKEND value
-        check_attention_backend(name)
-    return fn(q, k, v)
+        for slot, backend, fn in saved:
+            slot.set(backend, fn)

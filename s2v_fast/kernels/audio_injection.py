@@ -11,7 +11,7 @@
     FlashAttention, which rounds p to bf16 before the PV product; we keep p in fp32 (closer to exact).
 (b') frame_attention_probs: the same softmax, written out as P [B, Lv, KP] (column h*NK + j is p_j
     of head h, column H*NK is 1, the rest up to KP (a multiple of 8) 0) for the injector's output
-    projection folded with the values (``models/folded_output.py``): y = P @ [Wo_h v_{f,j}; bo].
+    projection folded with the values (``fast/folded_output.py``): y = P @ [Wo_h v_{f,j}; bo].
 (c) audio_residual_add: x[:, :Lv] += fp32(bf16 out) (plain residual, no gate) via gated_residual.
 """
 from __future__ import annotations

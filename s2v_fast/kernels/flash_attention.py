@@ -252,7 +252,7 @@ def triton_attention(q, k, v, softmax_scale=None, *, out=None, config=None, key_
     """q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16, last dim contiguous) -> [B, Lq, H, D] q.dtype.
 
     ``key_bias`` [B, Lk] (fp32, natural-log units): added to the logit of key j in batch b after
-    the scale, -inf drops the key (compacted text keys, ``models/text_kv.py``); every row must keep
+    the scale, -inf drops the key (compacted text keys, ``fast/text_kv.py``); every row must keep
     a finite key in the first BLOCK_N keys. `config` (a dict like the FLASH_CONFIGS entries)
     bypasses the tuner (benchmarks, tests)."""
     B, Lq, H, D = q.shape

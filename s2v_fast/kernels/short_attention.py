@@ -1,5 +1,5 @@
 """Attention over a short key set (<= 256 keys) with a per-key logit bias: the text cross-attention
-over compacted prompt keys (``models/text_kv.py``, spec §10.7).
+over compacted prompt keys (``fast/text_kv.py``, spec §10.7).
 
     o[b, s, h] = softmax_j( q[b, s, h] . k[b, j, h] * scale + bias[b, j] ) @ v[b, :, h]
 
@@ -15,7 +15,7 @@ CPU: under TRITON_INTERPRET=1 the dot operands are upcast (see flash_attention.p
 
 ``short_attention_probs`` runs the same kernel up to the softmax and writes the normalised
 probabilities P [B, Lq, H, Lk] instead of P.V: the text cross-attention folded into its output
-projection (``models/folded_output.py``) multiplies them by Wo.V in one GEMM.
+projection (``fast/folded_output.py``) multiplies them by Wo.V in one GEMM.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ class AudioInjector(nn.Module):
         self.inject_layers = tuple(inject_layers)
         self.layer_to_index = {layer: j for j, layer in enumerate(self.inject_layers)}
         n = len(self.inject_layers)
-        self.injector = nn.ModuleList([CrossAttention(dim, num_heads, eps) for _ in range(n)])
+        self.injector = nn.ModuleList([CrossAttention(dim, num_heads, eps, site="audio")
+                                       for _ in range(n)])
         self.injector_adain_layers = nn.ModuleList([AudioAdaLN(dim) for _ in range(n)])
 
     def inject(self, j: int, x: torch.Tensor, num_noisy: int, audio_local: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.attention import attention
+from ..attention_sites import AttentionSlot
 from .rope import RopeTable, apply_rope
 
 
@@ -106,10 +106,14 @@ class LayerNorm(nn.LayerNorm):
 
 # ----------------------------------------------------------------------------- attention
 class _AttentionProjections(nn.Module):
-    """q/k/v/o Linear(dim, dim) and full-width RMSNorm on q and k (official key names)."""
+    """q/k/v/o Linear(dim, dim) and full-width RMSNorm on q and k (official key names), and the
+    attention slot of the module's site (``attn``: reference SDPA until ``configure_attention``)."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+    site = "self"
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, site: Optional[str] = None):
         super().__init__()
+        self.attn = AttentionSlot(site or self.site)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
@@ -132,10 +136,15 @@ class SelfAttention(_AttentionProjections):
         k = self.norm_k(linear(h, self.k))
         return apply_rope(self._heads(q), rope), apply_rope(self._heads(k), rope)
 
+    # the sequence-parallel seam: a strategy ``sp(q, k, v, local_attention)`` that exchanges
+    # tokens / heads over the ranks around the slot's attention (s2v_fast.parallel.sequence)
+    sequence_parallel = None
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Core attention over this rank's tokens [B, L, H, D] (seam: s2v_fast.parallel
-        replaces it per instance with the sequence-parallel Ulysses / ring version)."""
-        return attention(q, k, v)
+        """Core attention over this rank's tokens [B, L, H, D]."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel(q, k, v, self.attn)
+        return self.attn(q, k, v)
 
     def forward(self, h: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         cdt = self.q.weight.dtype
@@ -149,8 +158,11 @@ class CrossAttention(_AttentionProjections):
     """Cross-attention without RoPE or mask: text (block) and audio (injector) variants.
 
     q = RMSNorm_q(Wq x), k = RMSNorm_k(Wk c), v = Wv c; k/v can be precomputed with
-    :meth:`context_kv` (they depend only on the context) and passed as ``kv``.
+    :meth:`context_kv` (they depend only on the context) and passed as ``kv``. Site ``text``
+    (a block's) or ``audio`` (an injector's).
     """
+
+    site = "text"
 
     def context_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         k = self._heads(self.norm_k(linear(context, self.k)))
@@ -161,7 +173,7 @@ class CrossAttention(_AttentionProjections):
                 kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         k, v = kv if kv is not None else self.context_kv(context)
         q = self._heads(self.norm_q(linear(x, self.q)))
-        a = attention(q, k, v)
+        a = self.attn(q, k, v)
         return linear(a.flatten(2), self.o)
 
 

@@ -27,7 +27,6 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels.attention import attention
 from .audio_encoder import MOTION_LATENT_FRAMES, MOTION_PIXEL_FRAMES
 from .block import S2VBlock, layer_norm, linear, linear_fp32, segment_modulate
 from .dit import SEG_MOTION, SEG_NOISY, SEG_REF, S2VTransformer, sinusoidal_embedding, unpatchify
@@ -144,8 +143,9 @@ def _rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
     return apply_rope(x, table).to(x.dtype)
 
 
-def _attn_out(block: S2VBlock, q, k, v) -> torch.Tensor:
-    return linear(attention(q, k, v).flatten(2), block.self_attn.o)
+def _attn_out(block: S2VBlock, attn, q, k, v) -> torch.Tensor:
+    """o(attn(q, k, v)): ``attn`` is the model's ``causal`` attention slot."""
+    return linear(attn(q, k, v).flatten(2), block.self_attn.o)
 
 
 def _cross_ffn(block: S2VBlock, x: torch.Tensor, terms, text_kv) -> torch.Tensor:
@@ -230,7 +230,7 @@ class CausalS2V:
             cache.motion_k.append(k_roped[:, cache.num_ref:])
             if i == last:  # the last block's output is never used: only its K/V are
                 break
-            y = _attn_out(block, _rope(q, rope), k_roped, v)
+            y = _attn_out(block, m.causal_attn, _rope(q, rope), k_roped, v)
             x_in = x
             x = x + y.float() * terms[2]
             x = _cross_ffn(block, x, terms, text_kv[i]).to(x_in.dtype)
@@ -278,7 +278,7 @@ class CausalS2V:
             ck, cv = cache.active(i, start_tok + n)
             keys = torch.cat([ck, cond.keys(i, ref_rope)], dim=1)
             vals = torch.cat([cv, cond.v[i]], dim=1)
-            y = _attn_out(block, q, keys, vals)
+            y = _attn_out(block, m.causal_attn, q, keys, vals)
             x_in = xs
             xs = xs + y.float() * terms[2]
             xs = _cross_ffn(block, xs, terms, text_kv[i]).to(x_in.dtype)

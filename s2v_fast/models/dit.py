@@ -7,9 +7,18 @@ One call (batch-first; B may be 2 = CFG branches):
    (``run_blocks``), head + unpatchify -> fp32 velocity [B, 16, F, lh, lw].
 Sequence: [noisy (Lv) | reference | motion]; tokens >= Lv use the t = 0 modulation.
 
-Precision (``model.precision``): "reference" emulates the production bf16 dtype map (spec
-§4.13) with explicit casts (see block.py); with fp32 weights everything is fp32. "fast" is
-reserved for fused kernels and currently only computes RoPE in fp32 instead of fp64.
+The plain model is the reference math: it emulates the production bf16 dtype map (spec §4.13)
+with explicit casts (see block.py); with fp32 weights everything is fp32. It imports no kernel,
+quantisation, offload, parallel or profiling module. Transforms change how it runs through
+declared seams, never by patching methods:
+
+* ``blocks_runner``: who runs the blocks of a step (:class:`PlainBlocks` here; the fused fast path
+  ``s2v_fast.fast.apply_fast_path`` installs its own). ``model.precision`` is the runner's name.
+* attention slots (``attention_slots()``): the backend of each attention site
+  (``s2v_fast.kernels.attention.configure_attention``).
+* ``block_streamer``: set by layerwise offload (its weights arrive per block in hooks).
+* ``parallel_strategy``: set by sequence parallelism (audio injection of a token shard).
+
 Intermediates can be captured with ``with model.capture_intermediates() as store: ...``.
 """
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention_sites import AttentionSlot
 from ..config import DiTConfig
 from ..errors import InputError
 from .audio_encoder import MOTION_LATENT_FRAMES, MOTION_PIXEL_FRAMES, CausalAudioEncoder
@@ -32,7 +42,6 @@ from .motion import FramePackMotioner, conv_tokens
 from .rope import RopeTable, build_rope_table, reference_segment, video_segment
 
 SEG_NOISY, SEG_REF, SEG_MOTION = 0, 1, 2
-PRECISIONS = ("reference", "fast")
 
 
 # ----------------------------------------------------------------------------- small steps
@@ -106,6 +115,29 @@ class S2VConditions:
         return self.num_noisy + self.extra_tokens.shape[1]
 
 
+# ----------------------------------------------------------------------------- block runner
+class PlainBlocks:
+    """The reference block loop: each block through its module call (so module hooks, e.g.
+    layerwise offload's, run), then its audio injector; intermediates recorded."""
+
+    precision = "reference"
+    rope_dtype = torch.float64
+
+    def __call__(self, model: "S2VTransformer", x: torch.Tensor, e0: torch.Tensor,
+                 cond: S2VConditions, shared_rows: bool = False) -> torch.Tensor:
+        split = cond.num_noisy
+        last = len(model.blocks) - 1
+        for i, block in enumerate(model.blocks):
+            x = block(x, e0, split, cond.rope, cond.context)
+            model._record(f"block{i}_out", x)
+            j = model.audio_injector.layer_to_index.get(i)
+            if j is not None:
+                x = model.inject_audio(j, x, split, cond)
+                model._record(f"block{i}_after_audio", x)
+        model._record(f"block{last}_final", x)
+        return x
+
+
 # ----------------------------------------------------------------------------- model
 class S2VTransformer(nn.Module):
     def __init__(self, config: DiTConfig):
@@ -113,7 +145,10 @@ class S2VTransformer(nn.Module):
         config.validate()
         self.config = config
         c = config
-        self.precision = "reference"
+        self.blocks_runner = PlainBlocks()
+        self.block_streamer = None  # layerwise offload (s2v_fast.offload) declares itself here
+        self.parallel_strategy = None  # sequence parallel (s2v_fast.parallel.sequence)
+        self.causal_attn = AttentionSlot("causal")  # the streaming mode's (models/causal.py)
         self.debug: Optional[dict] = None
         self.patch_size = tuple(c.patch_size)
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, c.patch_size, stride=c.patch_size)
@@ -149,8 +184,22 @@ class S2VTransformer(nn.Module):
         return self.patch_embedding.weight.device
 
     @property
+    def precision(self) -> str:
+        """The block runner's name: "reference" (plain) or "fast" (``s2v_fast.fast``)."""
+        return self.blocks_runner.precision
+
+    @property
     def rope_dtype(self) -> torch.dtype:
-        return torch.float64 if self.precision == "reference" else torch.float32
+        return self.blocks_runner.rope_dtype
+
+    def attention_slots(self):
+        """Every attention slot of the model (``configure_attention`` fills them)."""
+        for block in self.blocks:
+            yield block.self_attn.attn
+            yield block.cross_attn.attn
+        for inj in self.audio_injector.injector:
+            yield inj.attn
+        yield self.causal_attn
 
     # ------------------------------------------------------------------ debug capture
     @contextlib.contextmanager
@@ -302,28 +351,16 @@ class S2VTransformer(nn.Module):
 
     # ------------------------------------------------------------------ per-step work
     def inject_audio(self, j: int, x: torch.Tensor, num_noisy: int, cond: S2VConditions):
+        if self.parallel_strategy is not None:  # a token shard may cut frames
+            return self.parallel_strategy.inject_audio(self, j, x, num_noisy, cond)
         return self.audio_injector.inject(j, x, num_noisy, cond.audio_local, cond.audio_global)
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, cond: S2VConditions,
                    shared_rows: bool = False) -> torch.Tensor:
-        """Blocks over the full token sequence, each followed by its audio injector (if any).
-        ``shared_rows``: the batch rows of x and e0 are identical (CFG branches of one latent);
-        the fast path then runs block 0's self-attention once."""
-        if self.precision == "fast":
-            from .fast_path import fast_run_blocks
-
-            return fast_run_blocks(self, x, e0, cond, shared_rows)
-        split = cond.num_noisy
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = block(x, e0, split, cond.rope, cond.context)
-            self._record(f"block{i}_out", x)
-            j = self.audio_injector.layer_to_index.get(i)
-            if j is not None:
-                x = self.inject_audio(j, x, split, cond)
-                self._record(f"block{i}_after_audio", x)
-        self._record(f"block{last}_final", x)
-        return x
+        """Blocks over the full token sequence, each followed by its audio injector (if any),
+        by the installed runner. ``shared_rows``: the batch rows of x and e0 are identical (CFG
+        branches of one latent; a runner may run block 0's self-attention once)."""
+        return self.blocks_runner(self, x, e0, cond, shared_rows)
 
     def head_out(self, x: torch.Tensor, e_t: torch.Tensor, cond: S2VConditions) -> torch.Tensor:
         """Head on the noisy tokens + unpatchify -> fp32 [B, out_dim, F, lh, lw]."""
@@ -342,8 +379,6 @@ class S2VTransformer(nn.Module):
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor, t, cond: S2VConditions) -> torch.Tensor:
         """One DiT call given prepared conditions; x [B, 16, F, lh, lw] -> velocity fp32."""
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"model.precision={self.precision!r}; use one of {PRECISIONS}")
         if x.dim() == 4:
             x = x.unsqueeze(0)
         B = cond.batch

@@ -60,7 +60,7 @@ class ParallelDiT:
 
     # ------------------------------------------------------------------ one DiT call
     def _check_precision(self, cond) -> None:
-        """The fused fast path (models/fast_path.py) bypasses the TP hooks; it runs sequence
+        """The fused fast path (fast/blocks.py) bypasses the TP hooks; it runs sequence
         parallel through ``SelfAttention.attend``, with frame-aligned shards only (its audio
         injection runs on whole local frames)."""
         if getattr(self.model, "precision", "reference") != "fast":

@@ -30,7 +30,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention import attention
 from ..models.dit import S2VConditions
 from ..models.rope import RopeTable
 
@@ -265,7 +264,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_length
 
 # ----------------------------------------------------------------------------- the hook
 class SequenceParallelAttention:
-    """Replaces ``SelfAttention.attend`` on every block (see :func:`install_sequence_parallel`).
+    """The sequence-parallel strategy of the DiT (see :func:`install_sequence_parallel`):
+
+    * ``sp(q, k, v, local)``: every block's self-attention (``SelfAttention.sequence_parallel``):
+      Ulysses head exchange and / or ring passes around ``local`` (the block's attention slot);
+    * ``inject_audio(model, j, x, split, cond)``: the model's audio injection of a token shard
+      (``S2VTransformer.parallel_strategy``), in pieces where the shard cuts a frame.
 
     ``plan`` is set by the runner for the current clip layout before the blocks run.
     """
@@ -274,7 +278,7 @@ class SequenceParallelAttention:
         self.state = state
         self.plan: Optional[ShardPlan] = None
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local) -> torch.Tensor:
         st, cfg = self.state, self.state.config
         U, R = cfg.ulysses_degree, cfg.ring_degree
         lens = self.plan.lengths
@@ -286,36 +290,34 @@ class SequenceParallelAttention:
             seg = [sum(lens[j * U:(j + 1) * U]) for j in range(R)]
             o = ring_attention(q, k, v, seg, r, st.ring_ranks, st.ring_group)
         else:
-            o = attention(q, k, v)
+            o = local(q, k, v)
         if U > 1:
             o = ulysses_gather_heads(o, ulens, u, st.ulysses_group)
         return o
 
-
-def install_sequence_parallel(model, state) -> SequenceParallelAttention:
-    """Per-instance hooks: every block's ``self_attn.attend`` and the model's ``inject_audio``."""
-    sp = SequenceParallelAttention(state)
-    for blk in model.blocks:
-        blk.self_attn.attend = sp
-    base = model.inject_audio
-
-    def inject_audio(j, x, split, cond):
+    def inject_audio(self, model, j: int, x: torch.Tensor, split: int, cond):
+        inj = model.audio_injector
         if isinstance(cond, ShardConditions) and split == 0:
             return x  # no noisy tokens on this rank
         if not isinstance(cond, ShardConditions) or cond.frame_aligned:
-            return base(j, x, split, cond)
+            return inj.inject(j, x, split, cond.audio_local, cond.audio_global)
         return _inject_pieces(model, j, x, split, cond)
 
-    model.inject_audio = inject_audio
-    model._sp_hooks = sp
+
+def install_sequence_parallel(model, state) -> SequenceParallelAttention:
+    """Install the strategy at the model's declared seams: every block's
+    ``self_attn.sequence_parallel`` and the model's ``parallel_strategy``."""
+    sp = SequenceParallelAttention(state)
+    for blk in model.blocks:
+        blk.self_attn.sequence_parallel = sp
+    model.parallel_strategy = sp
     return sp
 
 
 def remove_sequence_parallel(model) -> None:
     for blk in model.blocks:
-        blk.self_attn.__dict__.pop("attend", None)
-    model.__dict__.pop("inject_audio", None)
-    model.__dict__.pop("_sp_hooks", None)
+        blk.self_attn.sequence_parallel = None
+    model.parallel_strategy = None
 
 
 def _inject_pieces(model, j: int, x: torch.Tensor, split: int, cond: ShardConditions):

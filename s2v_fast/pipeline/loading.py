@@ -18,7 +18,7 @@ from .settings import DEFAULT_MODEL
 
 
 def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
-                    precision: Optional[str] = None, attention_backend: Optional[str] = None,
+                    precision: Optional[str] = None, attention_backend=None,
                     offload: Optional[str] = None, free_encoders: bool = False,
                     quantization: Optional[str] = None, parallel=None, audio_device=None, cache_dir: Optional[str] = None,
                     load_text_encoder: bool = True, load_audio_encoder: bool = True,
@@ -30,7 +30,9 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     the CPU. The wav2vec2 audio encoder runs in fp32 (on ``audio_device``, default ``device``).
     ``precision``: the DiT path, ``"fast"`` (fused Triton kernels) or ``"reference"``; default
     fast on CUDA, reference on the CPU or with options fast does not support yet.
-    ``attention_backend``: calls ``kernels.attention.set_attention_backend`` (process-wide).
+    ``attention_backend``: a backend name for every attention site, or an
+    :class:`~s2v_fast.attention_sites.AttentionChoice` (per-site overrides); default
+    ``$S2V_ATTENTION_BACKEND`` or ``auto``. It configures this pipeline's DiT only.
     ``offload``: ``"cpu"`` (:meth:`S2VPipeline.enable_cpu_offload`) or ``"layerwise"``
     (:meth:`S2VPipeline.enable_layerwise_offload`); the weights are then loaded into host memory, never
     all onto the GPU at once. ``free_encoders``: with offload, drop the text / audio encoders
@@ -48,14 +50,20 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     from ..models.dit import S2VTransformer
     from ..models.text_encoder import TextEncoder
     from ..models.vae import WanVAE
-    from ..runtime import (apply_attention_backend, check_offload_mode, check_quantization,
+    from ..attention_sites import AttentionChoice
+    from ..fast import set_precision
+    from ..kernels.attention import configure_attention
+    from ..runtime import (attention_choice, check_offload_mode, check_quantization,
                            init_parallel, resolve_precision, validate_parallel_for_model)
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype, device)
     offload = check_offload_mode(offload)
-    if attention_backend is not None:
-        apply_attention_backend(attention_backend, device)
+    if isinstance(attention_backend, AttentionChoice):
+        attention = attention_choice(attention_backend.default,
+                                     [f"{s}={b}" for s, b in attention_backend.overrides], device)
+    else:
+        attention = attention_choice(attention_backend, (), device)
     pconf = getattr(parallel, "config", parallel)  # ParallelState -> its ParallelConfig
     precision, _ = resolve_precision(precision, device, offload=offload, parallel=pconf)
     quantization = check_quantization(quantization, offload=offload, parallel=pconf)
@@ -89,18 +97,19 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
             dit = load_dit_sharded(path, state.tp_rank, tp, device=load_device, dtype=dtype)
         else:
             dit = S2VTransformer.from_pretrained(path, device=load_device, dtype=dtype)
-        dit.precision = precision
+        configure_attention(dit, attention)
+        set_precision(dit, precision)
         if lora_weights:
             from ..lora import merge_lora
 
             merge_lora(dit, lora_weights)
         if quantization != "none":  # in place, layer by layer
-            from ..kernels.attention import get_attention_backend
             from ..quantization import quantize_dit
 
             # on the GPU the default `auto` attention becomes fp8 self-attention too (faster
             # than cuDNN bf16: results/attention_configs-*); a backend the user named stays
-            fp8_attn = device.type == "cuda" and get_attention_backend() == "auto"
+            fp8_attn = (device.type == "cuda" and attention.default == "auto"
+                        and attention.explicit("self") is None)
             quantize_dit(dit, quantization, attention="fp8" if fp8_attn else False)
         vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
                                dtype=torch.float32)

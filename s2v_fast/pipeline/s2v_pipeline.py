@@ -99,7 +99,9 @@ class S2VPipeline:
             why = fast_precision_blocker(self.parallel.config if self.parallel is not None else None)
             if why:
                 raise InputError(f"{why}; use --precision reference")
-        self.dit_module.precision = value
+        from ..fast import set_precision
+
+        set_precision(self.dit_module, value)
 
     def enable_cpu_offload(self, free_encoders: bool = False) -> "S2VPipeline":
         """Model-level offload (``--enable-cpu-offload``): every component (DiT, VAE, text and

@@ -1,4 +1,4 @@
-"""The fast DiT step (``model.precision = "fast"``): fused Triton kernels + step-invariant caches.
+"""The fast DiT step (``apply_fast_path(model)``): fused Triton kernels + step-invariant caches.
 
 Same math and rounding points as the reference path in ``block.py`` (spec §4.13, §10); what
 changes is how it is executed:
@@ -22,7 +22,9 @@ changes is how it is executed:
 * Attention over few keys is folded into its output projection (``folded_output.py``): the
   audio injectors' (5 keys per frame) and a short prompt's, y = P @ (Wo.V) + bo with K = H*keys.
 * The last block computes output rows only for the noisy tokens (the head reads nothing else).
-* GEMMs stay in cuBLAS (``F.linear``), attention goes through the one attention entry point.
+* GEMMs stay in cuBLAS (``F.linear``); self-attention goes through the block's attention slot.
+* What may fuse in a clip comes from :class:`~s2v_fast.fast.plan.FastPlan` (offload, sequence
+  parallel, fp8 linears and the attention backends declare themselves there).
 """
 from __future__ import annotations
 
@@ -47,19 +49,23 @@ from ..kernels.gated_residual import (
 )
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
+from ..kernels.registry import backend_info
 from ..kernels.rms_norm import rms_norm
 from ..options import env_options
 from ..profiling.ranges import trace_range
-from ..quantization import FP8Linear, gelu_linear, same_input_linears
-from .block import linear
+from ..models.block import linear
+from ..quantization import gelu_linear, same_input_linears
 from .folded_output import fold_frame_values, foldable
+from .plan import FastPlan, build_plan
 from .text_kv import compact_text_kv, compacted_key_counts, text_attention_output
 
 
 @dataclass
 class ClipCache:
-    """Step-invariant tensors of one clip and CFG batch (built on the first fast step)."""
+    """Step-invariant tensors of one clip and CFG batch (built on the first fast step), and the
+    fusion plan of the current step."""
 
+    plan: FastPlan
     rope: object  # RopeTable (fp32 fallback for non-bf16 models)
     cos: torch.Tensor  # [L, D/2] fp32
     sin: torch.Tensor
@@ -77,12 +83,14 @@ class ClipCache:
 
 
 @torch.no_grad()
-def build_clip_cache(model, cond) -> ClipCache:
+def build_clip_cache(model, cond, plan: Optional[FastPlan] = None) -> ClipCache:
     """Everything the blocks need that does not change across the sampling steps of a clip."""
     cos = cond.rope.cos.float().contiguous()
     sin = cond.rope.sin.float().contiguous()
-    cache = ClipCache(rope=cond.rope, cos=cos, sin=sin, context=cond.context,
-                      text_lens=cond.text_lens, text_kv=[None] * len(model.blocks))
+    plan = plan or build_plan(model)
+    cache = ClipCache(plan=plan, rope=cond.rope, cos=cos, sin=sin, context=cond.context,
+                      text_lens=cond.text_lens if plan.text != "dense" else None,
+                      text_kv=[None] * len(model.blocks))
     B, F_, n_tok, C = cond.audio_local.shape
     gvec = cond.audio_global[:, :, 0].reshape(B * F_, C)
     local = cond.audio_local.reshape(B * F_, n_tok, C)
@@ -100,8 +108,6 @@ def build_clip_cache(model, cond) -> ClipCache:
 # Sequence parallel (s2v_fast.parallel) runs this path: self-attention goes through
 # ``SelfAttention.attend`` and the clip cache is built from the rank's shard of the conditions; the
 # audio injection runs on whole local latent frames, so the shards must be frame-aligned.
-# Layerwise offload: blocks run through their forward hooks (``_with_module_hooks``) and each
-# block's text K/V is computed inside them, so offloaded weights are on the GPU when used.
 
 # FFN up-projection + tanh-GELU in one cuBLASLt call (GELU applied to the fp32 accumulator in the
 # GEMM epilogue, then one bf16 rounding; the reference rounds before the GELU: <= 1 bf16 ulp of
@@ -180,14 +186,20 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
         qc = _heads(rms_norm(linear(h3, ca.q), ca.norm_q.weight, ca.norm_q.eps), H)
         kc, vc, bias = _text_kv(ca, cache, index)
         qc = qc.expand(B, *qc.shape[1:])  # shared rows: one q, B prompts
-        yc = text_attention_output(qc, kc, vc, bias, cache.text_keys, ca.o)  # folded when short
+        mode = cache.plan.text
+        if mode == "fused":
+            yc = text_attention_output(qc, kc, vc, bias, cache.text_keys, ca.o)  # folded when short
+        elif mode == "bias":  # the configured backend, over the compacted keys
+            yc = linear(backend_info(ca.attn.backend).bias_fn(qc, kc, vc, bias).flatten(2), ca.o)
+        else:  # the configured backend over every padded key, as the reference
+            yc = linear(ca.attn(qc, kc, vc).flatten(2), ca.o)
     # x_new = (x + y*gate_sa) + yc (x is updated in place when it is an fp32 [B, ...] tensor)
     x_new = torch.empty(yc.shape, dtype=torch.float32, device=x.device) if shared else None
     x, h2 = residual_pair_norm_modulate(x.expand(B, *x.shape[1:]), y.expand(B, *y.shape[1:]), gate_sa,
                                         yc, shift_ff, scale_ff, split, eps=block.eps, out=x_new,
                                         out_dtype=block.ffn[0].weight.dtype)
     with trace_range("ffn"):
-        if isinstance(block.ffn[2], FP8Linear):  # GELU fused into the fp8 activation quantiser
+        if cache.plan.fp8_ffn_out[index]:  # GELU fused into the fp8 activation quantiser
             y2 = gelu_linear(linear(h2, block.ffn[0]), block.ffn[2])
         else:  # GELU in the first GEMM's epilogue
             y2 = linear(linear_gelu(h2, block.ffn[0]), block.ffn[2])
@@ -218,7 +230,12 @@ def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: Cli
             a = a.reshape(B, num_noisy, C)
         q = _heads(rms_norm(linear(a, inj.q), inj.norm_q.weight, inj.norm_q.eps), inj.num_heads)
         k, v = cache.audio_kv[j]
-        if foldable(inj.o):  # 5 keys per frame: P [.., H*5 + 1 -> 208] @ [Wo_h v; bo] per frame
+        if cache.plan.audio == "dense":  # the configured backend, per frame
+            Bq, Fr = v.shape[:2]
+            qf = q.reshape(Bq * Fr, num_noisy // Fr, *q.shape[2:])
+            o = inj.attn(qf, k.flatten(0, 1), v.flatten(0, 1)).reshape(q.shape)
+            y = linear(o.flatten(2), inj.o)
+        elif foldable(inj.o):  # 5 keys per frame: P [.., H*5 + 1 -> 208] @ [Wo_h v; bo] per frame
             B, Fr = v.shape[:2]
             width = frame_probs_width(inj.num_heads, v.shape[2])
             p = frame_attention_probs(q, k).view(B * Fr, num_noisy // Fr, width)
@@ -229,38 +246,39 @@ def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: Cli
         return audio_residual_add(x, y, num_noisy)
 
 
-def _with_module_hooks(block, fn, x, *args):
-    """``fn(block, x, *args)`` with the block's forward pre/post hooks run around it, as
-    ``block(x, ...)`` would (layerwise offload loads and releases the block's weights there)."""
-    for hook in block._forward_pre_hooks.values():
-        hook(block, (x,))
-    out = fn(block, x, *args)
-    for hook in block._forward_hooks.values():
-        hook(block, (x,), out)
-    return out
+class FastBlocks:
+    """The fast path's block runner (``model.blocks_runner``; ``s2v_fast.fast.apply_fast_path``):
+    all blocks + audio injections of one step (``shared_rows``: see ``fast_block``'s ``shared``,
+    applied to block 0)."""
 
+    precision = "fast"
+    rope_dtype = torch.float32
 
-def fast_run_blocks(model, x: torch.Tensor, e0: torch.Tensor, cond, shared_rows: bool = False
-                    ) -> torch.Tensor:
-    """All blocks + audio injections of one step on the fast path (``shared_rows``: see
-    ``fast_block``'s ``shared``, applied to block 0)."""
-    cache = cond.cache.get("fast")
-    if cache is None:
-        cache = cond.cache["fast"] = build_clip_cache(model, cond)
-    split = cond.num_noisy
-    blocks, start = model.blocks, None
-    for i, block in enumerate(blocks):
-        j = model.audio_injector.layer_to_index.get(i)
-        # the next block's norm1 joins this block's FFN residual unless audio injection comes in
-        # between or the next block's weights arrive in its pre-hook (layerwise offload)
-        nxt = blocks[i + 1] if (j is None and i + 1 < len(blocks)
-                                and not blocks[i + 1]._forward_pre_hooks) else None
-        # the head reads only the noisy tokens: the last block computes no other output rows
-        # (not under sequence parallel, whose attention exchanges q, k, v as equal shards)
-        last = i == len(blocks) - 1 and "attend" not in vars(block.self_attn)
-        with trace_range(f"block{i}"):
-            x, start = _with_module_hooks(block, fast_block, x, e0, split, cache, i, start, nxt,
-                                          shared_rows and i == 0, split if last else None)
-        if j is not None:
-            x = fast_inject_audio(model, j, x, split, cache)
-    return x
+    def __call__(self, model, x: torch.Tensor, e0: torch.Tensor, cond, shared_rows: bool = False
+                 ) -> torch.Tensor:
+        # the plan is re-read every step (a few attribute reads): offload or a backend may be
+        # switched between the steps of a clip; the cache is rebuilt only when the text keys'
+        # form changes with it
+        plan = build_plan(model)
+        cache = cond.cache.get("fast")
+        if cache is None or cache.plan.text != plan.text:
+            cache = cond.cache["fast"] = build_clip_cache(model, cond, plan)
+        cache.plan = plan
+        split = cond.num_noisy
+        blocks, start, last = model.blocks, None, len(model.blocks) - 1
+        streamer = plan.streamer
+        for i, block in enumerate(blocks):
+            j = model.audio_injector.layer_to_index.get(i)
+            nxt = blocks[i + 1] if plan.fuse_next[i] else None
+            # the head reads only the noisy tokens: the last block computes no other output rows
+            rows_out = split if i == last and plan.rows_out_last else None
+            with trace_range(f"block{i}"):
+                if streamer is not None:
+                    streamer.before_block(i)
+                x, start = fast_block(block, x, e0, split, cache, i, start, nxt,
+                                      shared_rows and i == 0, rows_out)
+                if streamer is not None:
+                    streamer.after_block(i)
+            if j is not None:
+                x = fast_inject_audio(model, j, x, split, cache)
+        return x

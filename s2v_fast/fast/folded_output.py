@@ -31,9 +31,14 @@ FOLD_OUTPUT = env_options().kernels.fold_output  # a module constant: benchmarks
 FOLD_MAX_FRACTION = 0.75
 
 
+def weight_format(layer: nn.Module) -> str:
+    """"fp8" for a linear that declares it (``FP8Linear.weight_format``), else "dense"."""
+    return getattr(type(layer), "weight_format", "dense")
+
+
 def foldable(o: nn.Module) -> bool:
-    """A plain Linear with bias (FP8Linear and other projections keep the unfolded path)."""
-    return FOLD_OUTPUT and type(o) is nn.Linear and o.bias is not None
+    """A dense Linear with bias (an fp8 linear keeps the unfolded path)."""
+    return FOLD_OUTPUT and weight_format(o) == "dense" and o.bias is not None
 
 
 def fold_text_values(o: nn.Linear, v: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels.attention import attention
 from ..kernels.flash_attention import triton_attention
+from ..models.block import linear
 from ..kernels.short_attention import short_attention, short_attention_probs, short_attention_supported
 from .folded_output import fold_text_values, fold_text_worth_it
 
@@ -57,8 +59,6 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     SDPA with the bias as an additive mask). No bias (uncompacted keys): the attention entry
     point."""
     if key_bias is None:
-        from ..kernels.attention import attention
-
         return attention(q, k, v)
     if short_attention_supported(q, k):
         return short_attention(q, k, v, key_bias)
@@ -72,8 +72,6 @@ def text_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (``compacted_key_counts``; None: uncompacted). Items with few enough keys run folded
     (``folded_output.py``): their probabilities times Wo.V in one GEMM of K = H * keys[b]; the
     others attend and project as usual."""
-    from .block import linear
-
     B, Lq, H, D = q.shape
     fold = [keys is not None and key_bias is not None and short_attention_supported(q, k[:, :n])
             and fold_text_worth_it(H, n, o) for n in (keys or [0] * B)]
