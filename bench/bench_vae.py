@@ -8,7 +8,7 @@ input), reported as ``peak_mem_gb`` (total) and ``decode_extra_gb``. ``max_abs_d
 the tiled/sliced output against plain, on smooth unit-variance latents
 (``s2v_fast.testing.latents``).
 
-Fast VAE (mode ``fast``, issue 25; ``s2v_fast.models.vae_fast.apply_fast_vae``): for each of
+Fast VAE (mode ``fast``, issue 25; ``s2v_fast.fast.vae.apply_fast_vae``): for each of
 ``--fast-shapes`` (448x832, 704x384, 704x1280) the fp32 reference and the fast path: decode ms per
 latent frame (whole clip of ``--latents``, and the streaming decoder in blocks of 3 latents),
 encode ms per pixel frame (the 73-frame motion re-encode), peak memory (``peak_mem_gb``: above
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import write_results  # noqa: E402
 
 from s2v_fast.models.vae import AttentionBlock, RMSNorm, WanVAE, _Upsample  # noqa: E402
-from s2v_fast.models.vae_fast import apply_fast_vae, decode_accuracy  # noqa: E402
+from s2v_fast.fast.vae import apply_fast_vae, decode_accuracy  # noqa: E402
 from s2v_fast.testing.latents import smooth_latents  # noqa: E402
 
 GB = 1e9

@@ -149,6 +149,14 @@ def test_cli_precision_reaches_the_model(files, tmp_path, monkeypatch, tiny_cach
 
 
 # ----------------------------------------------------------------------------- attention backend
+def test_bad_vae_precision_is_an_input_error(tiny_cache, monkeypatch):
+    from s2v_fast.errors import InputError
+
+    monkeypatch.setenv("S2V_FAST_CACHE", tiny_cache)
+    with pytest.raises(InputError, match="^--vae-precision 'bf16': use reference or fast$"):
+        S2VPipeline.from_pretrained("tiny", device="cpu", vae_precision="bf16")
+
+
 def test_attention_backend_and_sites_reach_the_loaded_dit(files, tmp_path, monkeypatch, tiny_cache,
                                                           capsys):
     """--attention-backend and --attention-site travel to from_pretrained as one AttentionChoice
@@ -165,9 +173,12 @@ def test_attention_backend_and_sites_reach_the_loaded_dit(files, tmp_path, monke
 
     monkeypatch.setattr(S2VPipeline, "from_pretrained", classmethod(from_pretrained))
     assert cli.main(_args(files, tmp_path / "o.mp4", "--attention-backend", "sdpa",
-                          "--attention-site", "text=triton")) == 0
+                          "--attention-site", "text=triton", "--vae-precision", "fast")) == 0
     assert attention.configured_backends(loaded[0].dit_module) == dict(
         self="sdpa", text="triton", audio="sdpa", causal="sdpa")
+    from s2v_fast.fast.vae import is_fast_vae
+
+    assert is_fast_vae(loaded[0].vae)  # --vae-precision reaches from_pretrained
     assert "attention self=sdpa text=triton audio=sdpa causal=sdpa" in capsys.readouterr().err
 
 

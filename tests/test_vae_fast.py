@@ -1,4 +1,4 @@
-"""The fast VAE (s2v_fast/models/vae_fast.py) against the fp32 reference ``WanVAE`` (CPU).
+"""The fast VAE (s2v_fast/fast/vae.py) against the fp32 reference ``WanVAE`` (CPU).
 
 Accuracy of the decoded video: ``decode_accuracy`` (PSNR with peak-to-peak 2, max-abs), on the
 golden fixture's latents and VAE (tests/fixtures/vae: a random-weight VAE of base dim 4) and on
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from s2v_fast.models.vae import CausalConv3d, RMSNorm, WanVAE
-from s2v_fast.models.vae_fast import apply_fast_vae, decode_accuracy, is_fast_vae
+from s2v_fast.fast.vae import apply_fast_vae, decode_accuracy, is_fast_vae
 from s2v_fast.testing.latents import smooth_latents
 from util import fixture, load_fixture
 

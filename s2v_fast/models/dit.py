@@ -114,6 +114,11 @@ class S2VConditions:
     def seq_len(self) -> int:
         return self.num_noisy + self.extra_tokens.shape[1]
 
+    @property
+    def whole(self) -> "S2VConditions":
+        """The conditions of the whole clip (a rank's shard returns the ones it was cut from)."""
+        return self
+
 
 # ----------------------------------------------------------------------------- block runner
 class PlainBlocks:
@@ -378,21 +383,32 @@ class S2VTransformer(nn.Module):
 
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor, t, cond: S2VConditions) -> torch.Tensor:
-        """One DiT call given prepared conditions; x [B, 16, F, lh, lw] -> velocity fp32."""
+        """One DiT call given prepared conditions; x [B, 16, F, lh, lw] -> velocity fp32.
+
+        With a parallel strategy installed (``parallel_strategy``) and this rank's shard of the
+        conditions, the strategy embeds the local tokens and turns the local hidden states into
+        the full velocity (``step_tokens`` / ``step_output``); the rest is the same."""
         if x.dim() == 4:
             x = x.unsqueeze(0)
-        B = cond.batch
-        if x.shape[0] not in (1, B) or tuple(x.shape[2:]) != (cond.grid[0], *cond.latent_hw):
+        whole = cond.whole
+        B = whole.batch
+        if x.shape[0] not in (1, B) or tuple(x.shape[2:]) != (whole.grid[0], *whole.latent_hw):
             raise InputError(f"x shape {list(x.shape)} does not match the prepared conditions "
-                             f"(batch {cond.batch}, F={cond.grid[0]}, latent {cond.latent_hw})")
+                             f"(batch {whole.batch}, F={whole.grid[0]}, latent {whole.latent_hw})")
         t = torch.as_tensor(t, device=self.device).reshape(-1)
-        shared = cond.shared_video and x.shape[0] == 1 and t.numel() == 1
+        shared = whole.shared_video and x.shape[0] == 1 and t.numel() == 1
         x = x.to(self.device).expand(B, *x.shape[1:])
-        tokens = torch.cat([self.embed_noisy(x, cond), cond.extra_tokens], dim=1)
+        strategy = self.parallel_strategy if cond is not whole else None
+        if strategy is not None:
+            tokens = strategy.step_tokens(self, x, cond)
+        else:
+            tokens = torch.cat([self.embed_noisy(x, cond), cond.extra_tokens], dim=1)
         self._record("num_noisy_tokens", torch.tensor(cond.num_noisy))
         self._record("tokens_in", tokens)
         e_t, e0 = self.time_embed(self._timesteps(t, B))
         x = self.run_blocks(tokens, e0, cond, shared_rows=shared)
+        if strategy is not None:
+            return strategy.step_output(self, x, e_t, cond)
         out = self.head_out(x, e_t, cond)
         self._record("output", out)
         return out

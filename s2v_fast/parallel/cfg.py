@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import ParallelState
-from .runner import all_gather_tensor
+from .sequence import all_gather_tensor
 
 
 class ParallelCFGDenoiser:

@@ -2,14 +2,16 @@
 
 :class:`ParallelDiT` has the DiT's step API (``prepare_conditions``, ``forward_step``,
 ``__call__``), so the pipeline's ``CFGDenoiser`` (or :class:`~.cfg.ParallelCFGDenoiser`) uses it
-unchanged. With sequence parallelism a step is:
+unchanged. With sequence parallelism a step is the model's own ``forward_step`` over this rank's
+shard of the conditions, with the strategy (``sequence.SequenceParallelAttention``) installed at
+the model's declared seams:
 
-1. embed only the local noisy frames (patch + pose + segment embedding) and take the local
+1. ``step_tokens``: embed only the local noisy frames (patch + pose + segment embedding) and take the local
    slice of the step-invariant ref/motion tokens (conditions are sharded once per clip);
 2. time MLP (replicated, tiny);
-3. the model's own ``run_blocks`` with the local split index, local RoPE rows and local audio
+3. the model's ``run_blocks`` with the local split index, local RoPE rows and local audio
    frames (Ulysses / ring inside ``SelfAttention.attend``; audio injection local);
-4. the head on the local noisy tokens, then ONE all-gather of the 64-wide head outputs over the
+4. ``step_output``: the head on the local noisy tokens, then ONE all-gather of the 64-wide head outputs over the
    SP group (80x less data than gathering the 5120-wide hidden states) and unpatchify.
 Every rank returns the full velocity, so the scheduler step runs replicated.
 """
@@ -18,13 +20,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..errors import S2VError
-from ..models.dit import S2VConditions, unpatchify
+from ..models.dit import S2VConditions
 from .config import ParallelState
-from .sequence import (ShardConditions, install_sequence_parallel, make_shard_plan,
-                       shard_conditions)
+from .sequence import (ShardConditions, all_gather_tensor, install_sequence_parallel,  # noqa: F401
+                       make_shard_plan, shard_conditions)
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -77,34 +78,10 @@ class ParallelDiT:
 
     @torch.no_grad()
     def forward_step(self, x: torch.Tensor, t, cond: S2VConditions) -> torch.Tensor:
+        """The model's own step: with a shard of the conditions its sequence-parallel strategy
+        embeds the local tokens and gathers the velocity (``SequenceParallelAttention``)."""
         self._check_precision(cond)
-        if not isinstance(cond, ShardConditions):
-            return self.model.forward_step(x, t, cond)
-        m = self.model
-        if x.dim() == 4:
-            x = x.unsqueeze(0)
-        full = cond.full
-        B = full.batch
-        if x.shape[0] not in (1, B) or tuple(x.shape[2:]) != (full.grid[0], *full.latent_hw):
-            from ..errors import InputError
-            raise InputError(f"x shape {list(x.shape)} does not match the prepared conditions")
-        t = torch.as_tensor(t, device=m.device).reshape(-1)
-        shared = full.shared_video and x.shape[0] == 1 and t.numel() == 1
-        x = x.to(m.device).expand(B, *x.shape[1:])
-        parts = []
-        if cond.local_noisy:
-            tok = m.embed_noisy(x[:, :, cond.frame0:cond.frame1], cond)
-            parts.append(tok[:, cond.noisy_offset:cond.noisy_offset + cond.local_noisy])
-        parts.append(cond.extra_tokens)
-        tokens = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        e_t, e0 = m.time_embed(m._timesteps(t, B))
-        self.sp.plan = cond.plan
-        h = m.run_blocks(tokens, e0, cond, shared_rows=shared)
-        h = m.head(h[:, :cond.local_noisy], e_t)  # [B, n_local, 64]
-        h = gather_sequence(h, [b - a for a, b in (cond.plan.noisy_range(i)
-                                                   for i in range(cond.plan.parts))],
-                            self.state.sp_group)
-        return unpatchify(h, full.grid, m.patch_size, m.config.out_dim).float()
+        return self.model.forward_step(x, t, cond)
 
     @torch.no_grad()
     def __call__(self, x, t, context, ref_latents, motion_latents, cond_states, audio_input,
@@ -125,24 +102,6 @@ def fast_precision_unsupported(config) -> Optional[str]:
     if config.sp_degree > 1 and getattr(config, "shard_policy", "frame") != "frame":
         return "precision 'fast' needs frame-aligned sequence shards (--sp-shard-policy frame)"
     return None
-
-
-def gather_sequence(h: torch.Tensor, lengths, group) -> torch.Tensor:
-    """All-gather uneven [B, n_i, C] pieces (sp-rank order) into [B, sum n_i, C] on every rank."""
-    P, n_max = len(lengths), max(lengths)
-    B, n, C = h.shape
-    send = h.new_zeros(B, n_max, C)
-    send[:, :n] = h
-    recv = h.new_empty(P, B, n_max, C)
-    all_gather_tensor(recv, send, group)
-    return torch.cat([recv[i, :, :lengths[i]] for i in range(P)], dim=1)
-
-
-def all_gather_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """Equal-size all-gather: ``out`` (contiguous, [group size, *inp.shape]) gets every rank's
-    ``inp`` (``all_gather_single`` on torch >= 2.13, ``all_gather_into_tensor`` before)."""
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out.view(-1), inp.contiguous().view(-1), group=group)
 
 
 def parallelize(model, state: ParallelState) -> ParallelDiT:

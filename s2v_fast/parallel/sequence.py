@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..models.dit import S2VConditions
+from ..models.dit import S2VConditions, unpatchify
 from ..models.rope import RopeTable
 
 FRAME_SNAP_TOLERANCE = 0.25  # max boundary move, as a fraction of the mean shard
@@ -109,6 +109,10 @@ class ShardConditions(S2VConditions):
         return self.end - self.start
 
     @property
+    def whole(self) -> S2VConditions:
+        return self.full
+
+    @property
     def frame_aligned(self) -> bool:
         return self.plan.frame_aligned(self.shard)
 
@@ -138,6 +142,26 @@ def shard_conditions(cond: S2VConditions, plan: ShardPlan, shard: int) -> ShardC
     return ShardConditions(**fields, full=cond, plan=plan, shard=shard, start=a, end=b,
                            local_noisy=nb - na, frame0=f0, frame1=f1,
                            noisy_offset=na - f0 * Nf)
+
+
+# ----------------------------------------------------------------------------- gathers
+def gather_sequence(h: torch.Tensor, lengths, group) -> torch.Tensor:
+    """All-gather uneven [B, n_i, C] pieces (sp-rank order) into [B, sum n_i, C] on every rank."""
+    P, n_max = len(lengths), max(lengths)
+    B, n, C = h.shape
+    send = h.new_zeros(B, n_max, C)
+    send[:, :n] = h
+    recv = h.new_empty(P, B, n_max, C)
+    all_gather_tensor(recv, send, group)
+    return torch.cat([recv[i, :, :lengths[i]] for i in range(P)], dim=1)
+
+
+def all_gather_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """Equal-size all-gather: ``out`` (contiguous, [group size, *inp.shape]) gets every rank's
+    ``inp`` (``all_gather_single`` on torch >= 2.13, ``all_gather_into_tensor`` before)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out.view(-1), inp.contiguous().view(-1), group=group)
+
 
 
 # ----------------------------------------------------------------------------- Ulysses
@@ -294,6 +318,29 @@ class SequenceParallelAttention:
         if U > 1:
             o = ulysses_gather_heads(o, ulens, u, st.ulysses_group)
         return o
+
+    def step_tokens(self, model, x: torch.Tensor, cond: "ShardConditions") -> torch.Tensor:
+        """The rank's input tokens of one step: its slice of the noisy tokens (only the latent
+        frames it touches are embedded) and of the step-invariant ref / motion tokens."""
+        self.plan = cond.plan
+        parts = []
+        if cond.local_noisy:
+            tok = model.embed_noisy(x[:, :, cond.frame0:cond.frame1], cond)
+            parts.append(tok[:, cond.noisy_offset:cond.noisy_offset + cond.local_noisy])
+        parts.append(cond.extra_tokens)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def step_output(self, model, h: torch.Tensor, e_t: torch.Tensor, cond: "ShardConditions"
+                    ) -> torch.Tensor:
+        """The head on the rank's noisy tokens, then ONE all-gather of the 64-wide head outputs
+        over the sequence-parallel group (80x less data than the hidden states) -> the full
+        velocity on every rank."""
+        h = model.head(h[:, :cond.local_noisy], e_t)  # [B, n_local, 64]
+        plan = cond.plan
+        h = gather_sequence(h, [b - a for a, b in (plan.noisy_range(i) for i in range(plan.parts))],
+                            self.state.sp_group)
+        full = cond.full
+        return unpatchify(h, full.grid, model.patch_size, model.config.out_dim).float()
 
     def inject_audio(self, model, j: int, x: torch.Tensor, split: int, cond):
         inj = model.audio_injector

@@ -22,7 +22,7 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
                     offload: Optional[str] = None, free_encoders: bool = False,
                     quantization: Optional[str] = None, parallel=None, audio_device=None, cache_dir: Optional[str] = None,
                     load_text_encoder: bool = True, load_audio_encoder: bool = True,
-                    loras: Sequence = ()):
+                    loras: Sequence = (), vae_precision: str = "reference"):
     """Load every component from ``model``: ``"tiny"``, a local checkpoint directory in the
     official layout, or a Hugging Face repo id (downloaded on first use).
 
@@ -41,6 +41,9 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     torch.distributed is initialised here, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) or
     an existing :class:`~s2v_fast.parallel.ParallelState`. Every option is checked (one-line
     :class:`InputError`) before any weights are read.
+    ``vae_precision``: ``"reference"`` (fp32, the default) or ``"fast"`` (bf16 convolutions with
+    fp32 norms and heads, ``s2v_fast.fast.vae``; opt-in until measured on a GPU, changes numerics:
+    PSNR >= 40 dB against fp32).
     ``loras``: LoRAs to merge into the DiT (``"PATH_OR_HF_ID[:SCALE]"`` strings or
     :class:`~s2v_fast.lora.LoraSpec`), once, in fp32, before quantisation; the files are
     resolved (downloaded) and read before the DiT is.
@@ -59,6 +62,8 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype, device)
     offload = check_offload_mode(offload)
+    if vae_precision not in ("reference", "fast"):
+        raise InputError(f"--vae-precision {vae_precision!r}: use reference or fast")
     if isinstance(attention_backend, AttentionChoice):
         attention = attention_choice(attention_backend.default,
                                      [f"{s}={b}" for s, b in attention_backend.overrides], device)
@@ -113,6 +118,10 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
             quantize_dit(dit, quantization, attention="fp8" if fp8_attn else False)
         vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
                                dtype=torch.float32)
+        if vae_precision == "fast":
+            from ..fast.vae import apply_fast_vae
+
+            apply_fast_vae(vae)
         text = (TextEncoder.from_pretrained(path, device=load_device, dtype=dtype)
                 if load_text_encoder else None)
         audio = (AudioFeatureExtractor.from_pretrained(

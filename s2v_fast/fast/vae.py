@@ -1,6 +1,6 @@
 """Fast Wan2.1 VAE (issue 25): a transform of the plain fp32 :class:`~s2v_fast.models.vae.WanVAE`.
 
-    from s2v_fast.models.vae_fast import apply_fast_vae
+    from s2v_fast.fast.vae import apply_fast_vae
     vae = apply_fast_vae(WanVAE.from_file(path, device="cuda"))   # in place; returns ``vae``
     video = vae.decode(z)            # float32 [B,3,T,H,W] in [-1, 1], as before
     mu = vae.encode(video)           # float32 normalised mu
@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from s2v_fast.kernels.channel_norm import channel_norm
-from s2v_fast.models.vae import (CACHE_T, AttentionBlock, CausalCache, CausalConv3d, Resample,
+from ..kernels.channel_norm import channel_norm
+from ..models.vae import (CACHE_T, AttentionBlock, CausalCache, CausalConv3d, Resample,
                                  ResidualBlock, RMSNorm, WanVAE)
 
 __all__ = ["apply_fast_vae", "is_fast_vae", "decode_accuracy"]
