@@ -1,6 +1,6 @@
 """The streaming mode (LiveAvatar: 4 steps per block of 3 latent frames) on one GPU.
 
-    python bench/bench_streaming.py                         # 704x384, bf16 then fp8, 14B
+    python bench/bench_streaming.py                         # 704x384: bf16 reference, fused bf16, fused fp8
     python bench/bench_streaming.py --sizes 704x384,720x400,448x832 --blocks 10
     python bench/bench_streaming.py --smoke                 # tiny model on the CPU (CI)
 
@@ -14,7 +14,9 @@ serial on one GPU. Time to first frame: from the prefill to the first block's fr
 encoded and the model loaded before). The floor is the FLOP count of one forward
 (``profiling.flops.streaming_forward_flops``) at the measured H100 ceilings
 (../shared/ENVIRONMENT.md: GEMM 790 / fp8 1,330, attention 627 / fp8 ~880 TFLOP/s), DiT only.
-Accuracy per row: cosine and relative L2 of the last block's latents against the bf16 run.
+Modes: ``bf16_reference`` (the reference block-causal forward, models/causal.py), ``bf16`` and
+``fp8`` (the fused forward, fast/causal.py, as ``--precision fast`` runs it). Accuracy per row:
+cosine and relative L2 of the last block's latents against the first mode's run.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from results_io import write_results  # noqa: E402
 
+from s2v_fast.fast import set_precision  # noqa: E402
+
 from s2v_fast.profiling.flops import streaming_forward_flops  # noqa: E402
 from s2v_fast.streaming.preset import StreamingSettings  # noqa: E402
 from s2v_fast.streaming.runner import StreamingRunner  # noqa: E402
@@ -43,7 +47,7 @@ def floor_ms(config, block_tokens, key_tokens, mode) -> float:
     f = streaming_forward_flops(config, block_tokens=block_tokens, key_tokens=key_tokens,
                                 num_layers=config.num_layers,
                                 num_audio_injections=len(config.audio_inject_layers))
-    gemm, attn = CEILINGS[mode]
+    gemm, attn = CEILINGS["fp8" if mode == "fp8" else "bf16"]
     return 1e3 * (f.gemm / gemm + (f.attention + f._cross_core) / attn)
 
 
@@ -161,7 +165,8 @@ def build(smoke: bool, layers):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="704x384", help="comma-separated HxW")
-    ap.add_argument("--modes", default="bf16,fp8")
+    ap.add_argument("--modes", default="bf16_reference,bf16,fp8",
+                    help="bf16_reference: the reference causal forward; bf16, fp8: the fused one")
     ap.add_argument("--blocks", type=int, default=10, help="blocks per run (>= 5 for a steady state)")
     ap.add_argument("--layers", type=int, default=None, help="run only the first N DiT layers")
     ap.add_argument("--no-vae", action="store_true", help="skip the decode")
@@ -179,6 +184,10 @@ def main(argv=None) -> int:
         vae = None
     rows, refs = [], {}
     for mode in args.modes.split(","):
+        if mode == "bf16_reference":  # the reference block-causal forward, for contrast
+            set_precision(model, "reference")
+        elif mode in ("bf16", "fp8"):  # the fused forward (s2v_fast/fast/causal.py)
+            set_precision(model, "fast")
         if mode == "fp8":
             from s2v_fast.quantization import quantize_dit
 
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
                   f"{row['dit_floor_ms_per_block']:.0f} ms, x{row['ratio_to_floor']:.2f}), first "
                   f"frame {row['first_frame_s']:.2f} s, peak {row['peak_gb'] or 0:.1f} GB"
                   + (f", cos {row['cos_vs_bf16']:.5f}" if "cos_vs_bf16" in row else ""), flush=True)
-            if mode != "bf16" and "cos_vs_bf16" in row and row["cos_vs_bf16"] < 0.95:
+            if "cos_vs_bf16" in row and row["cos_vs_bf16"] < 0.95:
                 print(f"FAIL {row['size']} {mode}: cosine {row['cos_vs_bf16']:.4f} < 0.95 vs bf16")
                 return 1
             if not torch.isfinite(res["latents"]).all():

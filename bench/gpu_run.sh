@@ -35,7 +35,7 @@ stage() {
     regress_full) pytest_bench -m full \
                --benchmark-json="$OUT/regress_full-$(device_tag)${REGRESS_K:+-${REGRESS_K//[^A-Za-z0-9]/_}}.json" ;;
     gpusmoke) python3 bench/gpu_smoke.py ;;
-    streaming) python3 bench/bench_streaming.py --sizes 704x384 --modes bf16,fp8 --blocks 10 ;;
+    streaming) python3 bench/bench_streaming.py --sizes 704x384 --modes bf16_reference,bf16,fp8 --blocks 10 ;;
     streaming3) python3 bench/bench_streaming.py --sizes 704x384,720x400,448x832 --modes bf16,fp8 --blocks 9 --topic streaming_sizes ;;
     gpustream) python3 -m pytest -q -p no:cacheprovider -rs tests/test_liveavatar_golden.py tests/test_vae_stream.py ;;
     vaetile) python3 bench/vae_tiling_error.py ;;

@@ -242,7 +242,16 @@ class Smoke:
             row["attention"] = attn.configured_backends(ref["model"])["causal"]
             return row
 
+        def fast():  # FastCausal (fused kernels, [cond | ring] caches) vs the reference forward
+            m = ref["model"]
+            set_precision(m, "fast")
+            try:
+                return check(compare(stream(m), ref["bf16"]), 1e-2, 0.9999)
+            finally:
+                set_precision(m, "reference")
+
         self.run("streaming_bf16_vs_fp32", bf16)
+        self.run("streaming_fast_vs_reference", fast)
         self.run("streaming_fp8_vs_bf16", fp8)
 
     # ----------------------------------------------------------------------- VAE

@@ -259,11 +259,15 @@ def test_audio_features(measure, check):
 
 
 # ----------------------------------------------------------------------------- streaming
-def test_streaming_forward(benchmark, measure, check):
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_streaming_forward(benchmark, measure, check, precision):
+    """The reference block-causal forward and the fused one (s2v_fast/fast/causal.py; on the
+    CPU form's fp32 tiny model it takes the reference forward)."""
     from s2v_fast.streaming.preset import StreamingSettings
 
     settings = StreamingSettings()
     model = build_random_dit(device=DEV, layers=DIT_LAYERS) if CUDA else bench_streaming.build(True, None)[0]
+    set_precision(model, precision)
     h, w = STREAM_SHAPE
     res = measure(lambda: bench_streaming.run_stream(model, None, h, w, STREAM_BLOCKS, settings),
                   rounds=3, warmup_rounds=1, blocks=STREAM_BLOCKS, size=f"{h}x{w}")

@@ -60,12 +60,22 @@ from .plan import FastPlan, build_plan
 from .text_kv import compact_text_kv, compacted_key_counts, text_attention_output
 
 
-@dataclass
-class ClipCache:
+@dataclass(kw_only=True)
+class AudioCache:
+    """Per audio injector: the AdaLN (shift, scale) [B, F, C] (cdt) and the K/V of the audio
+    tokens [B, F, n, H, D] of each latent frame; the plan says how the injection attends."""
+
+    plan: FastPlan
+    audio_shift: List[torch.Tensor] = field(default_factory=list)
+    audio_scale: List[torch.Tensor] = field(default_factory=list)
+    audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ClipCache(AudioCache):
     """Step-invariant tensors of one clip and CFG batch (built on the first fast step), and the
     fusion plan of the current step."""
 
-    plan: FastPlan
     rope: object  # RopeTable (fp32 fallback for non-bf16 models)
     cos: torch.Tensor  # [L, D/2] fp32
     sin: torch.Tensor
@@ -77,9 +87,25 @@ class ClipCache:
     text_kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]
     text_bias: Optional[torch.Tensor] = None
     text_keys: Optional[Tuple[int, ...]] = None  # compacted keys per item (compacted_key_counts)
-    audio_shift: List[torch.Tensor] = field(default_factory=list)  # per injector [B, F, C] cdt
-    audio_scale: List[torch.Tensor] = field(default_factory=list)
-    audio_kv: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [B,F,n,H,D]
+
+
+@torch.no_grad()
+def fill_audio_cache(cache: AudioCache, model, audio_local: torch.Tensor,
+                     audio_global: torch.Tensor) -> AudioCache:
+    """The injectors' AdaLN terms and audio K/V of ``audio_local`` [B, F, n, C] /
+    ``audio_global`` [B, F, 1, C] (the encoder's outputs), appended to ``cache``."""
+    B, F_, n_tok, C = audio_local.shape
+    gvec = audio_global[:, :, 0].reshape(B * F_, C)
+    local = audio_local.reshape(B * F_, n_tok, C)
+    for j, ada in enumerate(model.audio_injector.injector_adain_layers):
+        emb = linear(F.silu(gvec), ada.linear)  # cdt (bf16-rounded shift/scale, spec §4.13)
+        shift, scale = emb.chunk(2, dim=-1)
+        cache.audio_shift.append(shift.reshape(B, F_, C).contiguous())
+        cache.audio_scale.append(scale.reshape(B, F_, C).contiguous())
+        k, v = model.audio_injector.injector[j].context_kv(local)  # [B*F, n, H, D]
+        cache.audio_kv.append((k.reshape(B, F_, n_tok, *k.shape[-2:]).contiguous(),
+                               v.reshape(B, F_, n_tok, *v.shape[-2:]).contiguous()))
+    return cache
 
 
 @torch.no_grad()
@@ -91,18 +117,7 @@ def build_clip_cache(model, cond, plan: Optional[FastPlan] = None) -> ClipCache:
     cache = ClipCache(plan=plan, rope=cond.rope, cos=cos, sin=sin, context=cond.context,
                       text_lens=cond.text_lens if plan.text != "dense" else None,
                       text_kv=[None] * len(model.blocks))
-    B, F_, n_tok, C = cond.audio_local.shape
-    gvec = cond.audio_global[:, :, 0].reshape(B * F_, C)
-    local = cond.audio_local.reshape(B * F_, n_tok, C)
-    for j, ada in enumerate(model.audio_injector.injector_adain_layers):
-        emb = linear(F.silu(gvec), ada.linear)  # cdt (bf16-rounded shift/scale, spec §4.13)
-        shift, scale = emb.chunk(2, dim=-1)
-        cache.audio_shift.append(shift.reshape(B, F_, C).contiguous())
-        cache.audio_scale.append(scale.reshape(B, F_, C).contiguous())
-        k, v = model.audio_injector.injector[j].context_kv(local)  # [B*F, n, H, D]
-        cache.audio_kv.append((k.reshape(B, F_, n_tok, *k.shape[-2:]).contiguous(),
-                               v.reshape(B, F_, n_tok, *v.shape[-2:]).contiguous()))
-    return cache
+    return fill_audio_cache(cache, model, cond.audio_local, cond.audio_global)
 
 
 # Sequence parallel (s2v_fast.parallel) runs this path: self-attention goes through
@@ -212,7 +227,7 @@ def fast_block(block, x: torch.Tensor, e0: torch.Tensor, split: int, cache: Clip
     return x, (h_next, terms_next)
 
 
-def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: ClipCache) -> torch.Tensor:
+def fast_inject_audio(model, j: int, x: torch.Tensor, num_noisy: int, cache: AudioCache) -> torch.Tensor:
     """Audio injector j on the noisy tokens (x updated in place)."""
     if num_noisy == 0:  # a sequence-parallel rank holding only reference / motion tokens
         return x

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
-from ..models.causal import CausalS2V
+from ..fast.causal import causal_runner_for
 from ..models.dit import S2VTransformer
 from ..schedulers import FlowEulerSchedule
 from ..streaming.preset import StreamingSettings
@@ -107,7 +107,7 @@ class StepPipelineRunner:
         self.is_output = self.rank == world - 1
         self.step = self.rank if self.rank <= self.last_dit else None  # None: the decode rank
         if model is not None:
-            self.causal = CausalS2V(model)
+            self.causal = causal_runner_for(model)  # FastCausal on the fast path
             self.dtype, self.device = self.causal.dtype, self.causal.device
         elif self.step is None and dtype is not None and device is not None:
             self.causal, self.dtype, self.device = None, dtype, torch.device(device)

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, List, Optional
 import torch
 
 from ..errors import InputError
+from ..fast.causal import causal_runner_for
 from ..models.causal import CausalS2V, CondCache, RingKVCache, ref_rope_time
 from ..models.dit import S2VTransformer
 from ..schedulers import FlowEulerSchedule
@@ -151,7 +152,7 @@ class StreamingRunner:
     def __init__(self, model: S2VTransformer, settings: StreamingSettings = StreamingSettings(),
                  rd_sequence: Optional[Iterable[int]] = None,
                  on_step: Optional[Callable[[StepEvent], None]] = None):
-        self.causal = CausalS2V(model)
+        self.causal = causal_runner_for(model)  # FastCausal on the fast path
         self.settings = settings
         self.schedule = FlowEulerSchedule(settings.steps, settings.shift)
         self._rd = iter(rd_sequence) if rd_sequence is not None else seeded_rd(settings.seed)
