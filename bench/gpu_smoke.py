@@ -310,6 +310,7 @@ class Smoke:
         def pipeline():
             from s2v_fast.models.tiny import ensure_tiny_checkpoint
             from s2v_fast.pipeline import S2VPipeline
+            from s2v_fast.pipeline import SamplingOptions
 
             with tempfile.TemporaryDirectory() as d:
                 pipe = S2VPipeline.from_pretrained(ensure_tiny_checkpoint(os.path.join(d, "tiny")),
@@ -317,7 +318,7 @@ class Smoke:
                 c = pipe.dit_module.config
                 g = torch.Generator().manual_seed(0)
                 clips = list(pipe.run_clips(
-                    num_clips=2, num_frames=8, num_inference_steps=2,
+                    num_clips=2, sampling=SamplingOptions(num_frames=8, num_inference_steps=2),
                     context=torch.randn(7, c.text_dim, generator=g),
                     context_null=torch.randn(11, c.text_dim, generator=g),
                     audio_emb=torch.randn(1, 25, c.audio_dim, 16, generator=g).to(pipe.dtype),

@@ -534,6 +534,17 @@ def prepare_options(args, device, log) -> dict:
                 quantization=quantization, parallel=parallel, attention_backend=attention)
 
 
+def run_options(pipe, args) -> dict:
+    """The effective options of a loaded run (the profiler prints and records them)."""
+    from .kernels.attention import configured_backends
+
+    att = ",".join(f"{s}={b}" for s, b in configured_backends(pipe.dit_module).items())
+    return dict(mode=args.mode, precision=pipe.precision, attention=att,
+                quantization=getattr(pipe.dit_module, "quantization", "none"),
+                vae_precision=args.vae_precision, offload=pipe.offload_mode or "none",
+                dtype=str(pipe.dtype).replace("torch.", ""))
+
+
 def describe_attention(model) -> str:
     """``self=cudnn text=auto audio=auto causal=cudnn``: the backend each site of ``model`` uses."""
     from .kernels.attention import configured_backends
@@ -615,7 +626,8 @@ def _run(pipe, args, profile) -> int:
 
     try:
         if profile.any:
-            out, paths = run_profiled(run, profile, output_path=args.output)
+            out, paths = run_profiled(run, profile, output_path=args.output,
+                                      run_options=run_options(pipe, args))
         else:
             out, paths = run(None), []
         args.written_output = out.output_path  # an interrupt from here on finds the MP4 complete
@@ -634,9 +646,6 @@ def _run_streaming(pipe, args, profile) -> int:
     from .streaming.generate import generate_streaming
     from .streaming.preset import StreamingSettings
 
-    if pipe.precision == "fast" and is_rank_zero():
-        print("note: --mode liveavatar runs the plain block-causal forward; the fused kernels of "
-              "--precision fast do not apply to it yet", file=sys.stderr, flush=True)
     seed = args.seed if args.seed >= 0 else random.randint(0, 2**31 - 1)
     runner = None
     if args.step_pipeline:
@@ -662,7 +671,8 @@ def _run_streaming(pipe, args, profile) -> int:
 
     try:
         if profile.any:
-            out, paths = run_profiled(run, profile, output_path=args.output)
+            out, paths = run_profiled(run, profile, output_path=args.output,
+                                      run_options=run_options(pipe, args))
         else:
             out, paths = run(None), []
         args.written_output = out.output_path

@@ -339,6 +339,11 @@ def test_profile_subcommand(files, tmp_path, capsys, monkeypatch, tiny_cache):
     wb = load_workbook(d / "ops_rank0.xlsx")
     assert {"summary", "stages", "kernels"} <= set(wb.sheetnames)
     assert os.path.isfile(tmp_path / "p.mp4")
+    # the effective options of the run: printed with the summary, kept in the info sheet
+    assert "run options: mode=faithful precision=reference attention=self=auto," in out
+    info = {r[0]: r[1] for r in wb["info"].iter_rows(values_only=True)}
+    assert info["run.precision"] == "reference" and info["run.quantization"] == "none"
+    assert info["run.attention"].startswith("self=auto,text=auto")
 
 
 # ----------------------------------------------------------------------------- quantization

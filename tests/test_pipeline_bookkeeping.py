@@ -4,6 +4,7 @@ The spy decoder marks every output frame with (decode call, frame index), so we 
 which decoded frames were kept, which frames fed the next clip's motion latents, and what each
 DiT call received.
 """
+import pytest
 import torch
 
 from s2v_fast.pipeline import CFGDenoiser, S2VPipeline, clips_for_frames, frames_for_clips
@@ -187,3 +188,18 @@ def test_cfg_batch_matches_two_calls_on_golden_dit():
     for got_c, got_u in ((c2, u2), (c1, u1)):
         assert rel_err(got_c[0], exp_c) < 1e-5 and rel_err(got_u[0], exp_u) < 1e-5
     assert rel_err(v2, v1) < 1e-5
+
+
+def test_sampling_options_are_checked_once_as_one_value():
+    """generate's sampler keywords become one SamplingOptions, checked once (one-line errors,
+    seed -1 drawn), which is what the clip loop takes."""
+    from s2v_fast.errors import InputError
+    from s2v_fast.pipeline import SamplingOptions
+
+    s = SamplingOptions(num_frames=8, seed=-1).checked()
+    assert 0 <= s.seed < 2**31 and s.num_frames == 8 and s.cfg
+    assert not SamplingOptions(guidance_scale=1.0).cfg
+    with pytest.raises(InputError, match="^--num-frames 6 is not a positive multiple of 4"):
+        SamplingOptions(num_frames=6).checked()
+    with pytest.raises(InputError, match="^--sample-solver 'euler' is not supported"):
+        SamplingOptions(sample_solver="euler").checked()

@@ -12,6 +12,7 @@ from s2v_fast.models.tiny import TINY_VERSION
 import torch
 
 from s2v_fast.pipeline import S2VPipeline
+from s2v_fast.pipeline import SamplingOptions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,7 +33,8 @@ def _clip(pipe, steps=3):
               context_null=torch.randn(11, c.text_dim, generator=g),
               audio_emb=torch.randn(1, 25, c.audio_dim, frames, generator=g).to(pipe.dtype),
               ref_pixels=torch.rand(1, 3, 1, 64, 64, generator=g) * 2 - 1)
-    out = list(pipe.run_clips(num_clips=1, num_frames=frames, num_inference_steps=steps, **kw))
+    out = list(pipe.run_clips(num_clips=1, **kw, sampling=SamplingOptions(
+        num_frames=frames, num_inference_steps=steps)))
     return out[0].latents.float().cpu(), out[0].video.float().cpu()
 
 

@@ -24,8 +24,7 @@ import torch
 from ..errors import S2VError
 from ..models.dit import S2VConditions
 from .config import ParallelState
-from .sequence import (ShardConditions, all_gather_tensor, install_sequence_parallel,  # noqa: F401
-                       make_shard_plan, shard_conditions)
+from .sequence import ShardConditions, install_sequence_parallel, make_shard_plan, shard_conditions
 from .tensor_parallel import apply_tensor_parallel
 
 

@@ -16,13 +16,13 @@ from .s2v_pipeline import S2VPipeline
 from .settings import (AUDIO_FPS_IN, AUDIO_FPS_MID, AUDIO_SAMPLE_RATE, DEFAULT_MAX_AREA,
                        DEFAULT_MODEL, DEFAULT_PROMPT, FIRST_CLIP_DROP, INIT_FIRST_FRAME_COPIES,
                        LAT_MOTION_FRAMES, MOTION_FRAMES, NUM_TRAIN_TIMESTEPS, NUMERIC_SETTINGS,
-                       SAMPLE_FPS, SEED_MAX, SIZE_DIVISOR, check_numeric_settings,
+                       SAMPLE_FPS, SEED_MAX, SIZE_DIVISOR, SamplingOptions, check_numeric_settings,
                        clips_for_frames, frames_for_clips, validate_settings)
 
 __all__ = [
     "S2VPipeline", "S2VOutput", "ClipResult", "PipelineCallback", "CFGDenoiser",
     "GenerationInterrupted", "PartialOutputError", "SignalInterrupt", "interrupt_signal",
-    "NUMERIC_SETTINGS", "check_numeric_settings", "validate_settings",
+    "NUMERIC_SETTINGS", "SamplingOptions", "check_numeric_settings", "validate_settings",
     "frames_for_clips", "clips_for_frames",
     "AUDIO_FPS_IN", "AUDIO_FPS_MID", "AUDIO_SAMPLE_RATE", "DEFAULT_MAX_AREA", "DEFAULT_MODEL",
     "DEFAULT_PROMPT", "FIRST_CLIP_DROP", "INIT_FIRST_FRAME_COPIES", "LAT_MOTION_FRAMES",

@@ -18,7 +18,7 @@ from ..profiling.stage_timer import current_stage_timer
 from .motion import MotionContext
 from .placement import on_device
 from .results import ClipResult, emit
-from .settings import FIRST_CLIP_DROP, LAT_MOTION_FRAMES, MOTION_FRAMES
+from .settings import FIRST_CLIP_DROP, LAT_MOTION_FRAMES, MOTION_FRAMES, SamplingOptions
 
 
 @torch.inference_mode()
@@ -30,13 +30,7 @@ def run_clips(
     audio_emb: torch.Tensor,
     num_clips: int,
     ref_pixels: torch.Tensor,
-    num_frames: int = 80,
-    num_inference_steps: int = 40,
-    guidance_scale: float = 4.5,
-    flow_shift: float = 3.0,
-    sample_solver: str = "unipc",
-    seed: int = 42,
-    init_first_frame: bool = False,
+    sampling: SamplingOptions = SamplingOptions(),
     pose_frames: Optional[torch.Tensor] = None,
     noise_fn: Optional[Callable[[tuple, int], torch.Tensor]] = None,
     generator_device=None,
@@ -49,9 +43,12 @@ def run_clips(
     ``context``/``context_null``: [L, text_dim]; ``audio_emb``: [1, 25, D, >= num_clips*num_frames]
     (bucketed, ``dtype``); ``ref_pixels``: [1, 3, 1, H, W] in [-1, 1]; ``pose_frames``:
     [1, 3, >= num_clips*num_frames, H, W] in [-1, 1] or None (zero condition).
+    ``sampling``: frames per clip, steps, guidance, shift, solver, seed, init_first_frame.
     ``noise_fn(shape, seed) -> tensor`` replaces the default device-generator noise.
     """
     timer = stage_timer or current_stage_timer()
+    num_frames, seed = sampling.num_frames, sampling.seed
+    guidance_scale, init_first_frame = sampling.guidance_scale, sampling.init_first_frame
     dev = pipe.device
     _, _, _, height, width = ref_pixels.shape
     lat_h, lat_w = height // 8, width // 8
@@ -87,7 +84,8 @@ def run_clips(
             noise = (noise_fn(shape, seed + r) if noise_fn is not None
                      else pipe.make_noise(shape, seed + r, generator_device))
             latents = noise.to(dev).unsqueeze(0)
-            scheduler = pipe.make_scheduler(sample_solver, num_inference_steps, flow_shift)
+            scheduler = pipe.make_scheduler(sampling.sample_solver, sampling.num_inference_steps,
+                                            sampling.flow_shift)
             timesteps = scheduler.timesteps
             audio_input = audio_emb[..., r * num_frames:(r + 1) * num_frames].to(dev, pipe.dtype)
             emit(callbacks, "on_clip_start", r, dict(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-import random
+import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
@@ -41,7 +41,7 @@ from .placement import (attach_parallel, done_with, enable_offload, from_rank0, 
 from .results import S2VOutput, emit
 from .settings import (AUDIO_FPS_IN, AUDIO_FPS_MID, AUDIO_SAMPLE_RATE, DEFAULT_MAX_AREA,
                        DEFAULT_PROMPT, NUM_TRAIN_TIMESTEPS, SAMPLE_FPS, SIZE_DIVISOR,
-                       clips_for_frames, frames_for_clips, validate_settings)
+                       SamplingOptions, clips_for_frames, frames_for_clips, validate_settings)
 
 
 class S2VPipeline:
@@ -296,16 +296,16 @@ class S2VPipeline:
         t_total = time.perf_counter()
         timer = stage_timer or current_stage_timer()
         callbacks = list(callbacks or ())
-        validate_settings(height=height, width=width, num_frames=num_frames,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          sample_solver=sample_solver, max_area=max_area, num_clips=num_clips, fps=fps,
-                          flow_shift=flow_shift, seed=seed)
+        validate_settings(height=height, width=width, max_area=max_area, num_clips=num_clips, fps=fps)
+        sampling = SamplingOptions(
+            num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, flow_shift=flow_shift, sample_solver=sample_solver,
+            seed=seed, init_first_frame=init_first_frame).checked()
+        seed = sampling.seed
         if audio is None and audio_feats_50hz is None:
             raise InputError("no audio given; pass --audio FILE (wav/mp3/flac)")
         if return_video is None:
             return_video = output is None
-        if seed is None or seed < 0:
-            seed = random.randint(0, 2**31 - 1)
         if output is not None:
             from ..media import check_output_writable
 
@@ -346,6 +346,7 @@ class S2VPipeline:
             if self.parallel is not None:  # every rank must run the same clips with the same seed
                 seed, n_clips, max_frames, total_frames = from_rank0(
                     seed, n_clips, max_frames, total_frames)
+                sampling = dataclasses.replace(sampling, seed=seed)
 
             # 3. Text contexts: prompt and negative prompt (default: the S2V negative prompt).
             with timer.stage("text_encode"):
@@ -379,9 +380,7 @@ class S2VPipeline:
         try:
             for clip in self.run_clips(
                 context=context, context_null=context_null, audio_emb=audio_emb, num_clips=n_clips,
-                ref_pixels=ref_pixels, num_frames=num_frames, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, flow_shift=flow_shift, sample_solver=sample_solver,
-                seed=seed, init_first_frame=init_first_frame, pose_frames=pose_frames,
+                ref_pixels=ref_pixels, sampling=sampling, pose_frames=pose_frames,
                 noise_fn=noise_fn, generator_device=generator_device, callbacks=callbacks,
                 stage_timer=timer,
             ):

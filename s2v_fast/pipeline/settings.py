@@ -3,8 +3,11 @@ settings every entry point checks before any model is loaded, and the clip / fra
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import random
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,6 +94,37 @@ def validate_settings(*, height=None, width=None, num_frames=80, num_inference_s
         raise InputError("pass both --height and --width, or neither (then the size follows the image)")
     if sample_solver is not None and sample_solver not in ("unipc", "dpm++"):
         raise InputError(f"--sample-solver {sample_solver!r} is not supported; use unipc or dpm++")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampler settings of one faithful-mode generation (defaults: the Wan2.2-S2V-14B config,
+    spec §3.1). ``generate`` builds it from its keywords and checks it once (:meth:`checked`);
+    the clip loop (``run_clips``) takes it as one value."""
+
+    num_frames: int = 80
+    num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    flow_shift: float = 3.0
+    sample_solver: str = "unipc"
+    seed: int = 42
+    init_first_frame: bool = False
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance runs (two branches per step) only for a scale above 1."""
+        return self.guidance_scale > 1
+
+    def checked(self) -> "SamplingOptions":
+        """These options after the checks of :data:`NUMERIC_SETTINGS` (one-line InputError),
+        with a seed of -1 (or None) replaced by a random one."""
+        check_numeric_settings(dataclasses.asdict(self))
+        if self.sample_solver not in ("unipc", "dpm++"):
+            raise InputError(f"--sample-solver {self.sample_solver!r} is not supported; use unipc "
+                             "or dpm++")
+        if self.seed is None or self.seed < 0:
+            return dataclasses.replace(self, seed=random.randint(0, 2**31 - 1))
+        return self
 
 
 def frames_for_clips(num_clips: int, num_frames: int, drop_first: bool) -> int:

@@ -228,7 +228,8 @@ class ProfilerSession:
     """
 
     def __init__(self, options: ProfileOptions | None = None, *, stage_timer: StageTimer | None = None,
-                 output_path: str | None = None, rank: int | None = None, print_fn=print, **kw):
+                 output_path: str | None = None, rank: int | None = None, print_fn=print,
+                 run_options: dict | None = None, **kw):
         if options is None:
             options = ProfileOptions(**kw)
         elif kw:
@@ -239,6 +240,7 @@ class ProfilerSession:
         if options.any:
             self.stage_timer.enabled = True
         self.output_path = output_path
+        self.run_options = dict(run_options or {})  # the effective options of the profiled run
         self._rank = rank
         self.print_fn = print_fn
         self.paths: list[str] = []
@@ -330,6 +332,12 @@ class ProfilerSession:
         return False
 
     # ------------------------------------------------------------------ artifacts
+    def run_options_text(self) -> str:
+        """``run options: precision=fast attention=self=cuda,... quantization=none``."""
+        if not self.run_options:
+            return ""
+        return "run options: " + " ".join(f"{k}={v}" for k, v in self.run_options.items())
+
     def _emit(self, text: str) -> None:
         if self.rank == 0 and self.print_fn is not None and text:
             self.print_fn(text)
@@ -354,7 +362,7 @@ class ProfilerSession:
     def _write_all(self) -> None:
         o = self.options
         r = self.rank
-        texts = []
+        texts = [self.run_options_text()]
         if o.enable_pipeline_profiler and self.stage_timer.rows():
             texts.append(self.stage_timer.table())
             if self.output_path and r == 0:
@@ -408,6 +416,7 @@ class ProfilerSession:
             ("torch", torch.__version__), ("cuda", torch.version.cuda or "none"),
             ("python", sys.version.split()[0]), ("host", platform.node()),
             ("wall_s", round(self.wall_s, 6)), ("options", str(asdict(o))),
+            *((f"run.{k}", v) for k, v in self.run_options.items()),
             ("kernels_source", ktab["source"].iloc[0]),
             ("dropped_events", self.dropped_events),
             ("trace", _trace_note(self.trace_stats)),
@@ -475,15 +484,18 @@ def _kernel_summary(ktab) -> str:
 
 
 def run_profiled(fn, options: ProfileOptions, *, output_path: str | None = None,
-                 stage_timer: StageTimer | None = None, print_fn=print):
+                 stage_timer: StageTimer | None = None, print_fn=print,
+                 run_options: dict | None = None):
     """Call ``fn(stage_timer)`` under a :class:`ProfilerSession`; returns ``(result, paths)``.
 
     The CLI's ``profile`` / ``generate --profile-dir`` path: validate first with
     ``ProfileOptions.from_args(args)`` (InputError before loading any model), then
     ``video, paths = run_profiled(lambda t: pipe.generate(..., stage_timer=t), opts, output_path=out)``
-    and print ``paths``.
+    and print ``paths``. ``run_options``: the run's effective options (precision, attention per
+    site, ...), printed with the summary and written to the workbook's info sheet.
     """
-    sess = ProfilerSession(options, stage_timer=stage_timer, output_path=output_path, print_fn=print_fn)
+    sess = ProfilerSession(options, stage_timer=stage_timer, output_path=output_path,
+                           print_fn=print_fn, run_options=run_options)
     with sess:
         result = fn(sess.stage_timer)
     return result, list(sess.paths)
