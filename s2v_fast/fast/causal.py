@@ -7,13 +7,13 @@ faithful fast path runs a block (``blocks.py``):
 * norm1 + modulation, q/k RMSNorm + RoPE (fp32 table of the fp16-rounded angles; the reference
   rotates in float64), both residuals + norm2 modulation, the FFN residual: Triton kernels;
   the FFN's GELU in the GEMM epilogue (or in the fp8 activation quantiser).
-* One buffer per layer and denoising step holds ``[cond keys | ring]`` (:class:`SinkRingKVCache`):
-  the block's RoPE'd keys are written straight into the ring by the q/k kernel, the cond
-  ("sink") keys sit in front of the ring, so attention reads one contiguous key range and nothing
-  is concatenated per layer (the reference copies ring + cond, ~0.3 GB per layer at 704x384).
-  Softmax is order-invariant, so only the summation order differs from the reference.
-  The motion keys (fixed positions) are written once per prefill; the reference frame's keys are
-  re-RoPE'd at the block's reference time on every call, as upstream does.
+* The block's RoPE'd keys are written straight into the step's ring by the q/k kernel; attention
+  reads ``[ring | reference keys | motion keys]`` assembled by one ``torch.cat`` per layer (the
+  reference concatenates twice). Keeping the cond keys next to each ring instead would save that
+  copy (~0.3 GB per layer at 704x384, ~6 ms per forward) but cost a cond copy per step cache:
+  +8.6 GB at 704x384, which does not fit an 80 GB H100 in bf16 beside the four 10.4 GB rings and
+  the 30.6 GB of weights. A kernel that takes the keys as segments is the way to drop it.
+  The reference frame's keys are re-RoPE'd at the call's reference time, as upstream does.
 * Text cross-attention over the compacted prompt keys (``text_kv.py``), K/V once per prompt.
 * Audio: the block's audio encoder output, AdaLN terms and audio K/V are computed once per block
   (the 4 steps of a block share its audio window) and run through the fused injection kernels.
@@ -24,7 +24,7 @@ faithful path's tests only).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,54 +44,6 @@ from ..quantization import gelu_linear, same_input_linears
 from .blocks import AudioCache, _heads, fast_inject_audio, fill_audio_cache, linear_gelu
 from .plan import build_plan
 from .text_kv import compact_text_kv, compacted_key_counts, text_attention_output
-
-
-class SinkRingKVCache(RingKVCache):
-    """A :class:`RingKVCache` whose per-layer buffer also holds the cond keys in front:
-    ``[cond (front tokens) | ring (capacity tokens)]``. Allocated on the first write, when the
-    cond token count is known; ``k[layer]`` / ``v[layer]`` stay the ring part (as the base class)."""
-
-    def __init__(self, num_layers: int, capacity: int, batch: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        self.capacity = capacity
-        self._shape = (batch, heads, head_dim)
-        self._dtype, self._device = dtype, device
-        self.front = 0
-        self.cond_of: Optional[CondCache] = None  # whose motion keys the front holds
-        self.buf_k: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.buf_v: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.k: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.v: List[Optional[torch.Tensor]] = [None] * num_layers
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buf_k + self.buf_v if t is not None)
-
-    def ensure(self, layer: int, front: int) -> None:
-        if self.buf_k[layer] is not None and self.front == front:
-            return
-        if self.front != front:  # a different cond layout: every layer is rebuilt
-            self.buf_k = [None] * len(self.buf_k)
-            self.buf_v = [None] * len(self.buf_v)
-            self.cond_of = None
-            self.front = front
-        B, H, D = self._shape
-        shape = (B, front + self.capacity, H, D)
-        for bufs, ring in ((self.buf_k, self.k), (self.buf_v, self.v)):
-            bufs[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
-            ring[layer] = bufs[layer][:, front:]
-
-    def ring_slot(self, layer: int, start: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The ring rows a block of n tokens starting at absolute token ``start`` is written to."""
-        if self.capacity % n:
-            raise ValueError(f"cache capacity {self.capacity} is not a multiple of the block "
-                             f"length {n}")
-        s = start % self.capacity
-        return self.k[layer][:, s:s + n], self.v[layer][:, s:s + n]
-
-    def keys_values(self, layer: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """[cond | ring filled so far] when the block ending at absolute token ``end`` is in."""
-        n = self.front + min(end, self.capacity)
-        return self.buf_k[layer][:, :n], self.buf_v[layer][:, :n]
 
 
 class FastTextKV:
@@ -125,12 +77,6 @@ class FastCausal(CausalS2V):
     def fused(self) -> bool:
         return self.dtype == torch.bfloat16
 
-    def new_step_cache(self, capacity_tokens: int, batch: int = 1) -> RingKVCache:
-        if not self.fused:
-            return super().new_step_cache(capacity_tokens, batch)
-        return SinkRingKVCache(len(self.model.blocks), capacity_tokens, batch, self.num_heads,
-                               self.head_dim, self.dtype, self.device)
-
     @torch.no_grad()
     def text_kv(self, context):
         dense = super().text_kv(context)
@@ -157,25 +103,21 @@ class FastCausal(CausalS2V):
         self._audio = (audio_block, start_frame, cache)
         return cache
 
-    def _write_cond(self, cache: SinkRingKVCache, layer: int, cond: CondCache,
-                    ref_table: RopeTable) -> None:
-        """Front of the layer's buffer: the reference keys at this call's reference time, and
-        (once per cond) the motion keys and every cond value."""
-        cache.ensure(layer, cond.num_tokens)
+    def _attention_kv(self, cache: RingKVCache, layer: int, end: int, cond: CondCache,
+                      ref_table: RopeTable) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys [ring filled so far | reference keys at this call's time | motion keys] and their
+        values, one concatenation each."""
+        ck, cv = cache.active(layer, end)
         nr = cond.num_ref
-        kbuf, vbuf = cache.buf_k[layer], cache.buf_v[layer]
-        kbuf[:, :nr] = apply_rope(cond.k[layer][:, :nr], ref_table).to(kbuf.dtype)
-        if cache.cond_of is not cond:
-            kbuf[:, nr:cond.num_tokens] = cond.motion_k[layer]
-            vbuf[:, :cond.num_tokens] = cond.v[layer]
-            if layer == len(cache.buf_k) - 1:
-                cache.cond_of = cond
+        ref_k = apply_rope(cond.k[layer][:, :nr], ref_table).to(ck.dtype)
+        return (torch.cat([ck, ref_k, cond.motion_k[layer]], dim=1),
+                torch.cat([cv, cond.v[layer]], dim=1))
 
     @torch.no_grad()
     def forward_block(self, x: torch.Tensor, t: float, cache: RingKVCache, cond: CondCache,
                       start_frame: int, audio_block: torch.Tensor, text_kv,
                       ref_time: int) -> torch.Tensor:
-        if not self.fused or not isinstance(cache, SinkRingKVCache) or not isinstance(text_kv, FastTextKV):
+        if not self.fused or not isinstance(text_kv, FastTextKV):
             return super().forward_block(x, t, cache, cond, start_frame, audio_block,
                                          getattr(text_kv, "dense", text_kv), ref_time)
         m = self.model
@@ -204,12 +146,11 @@ class FastCausal(CausalS2V):
                               round_normed_to_bf16=xs.dtype == torch.bfloat16,
                               out_dtype=sa.q.weight.dtype)
             q, k, v = same_input_linears(h, (sa.q, sa.k, sa.v))
-            self._write_cond(cache, i, cond, ref_rope)
-            k_slot, v_slot = cache.ring_slot(i, start_tok, n)
+            k_slot, v_slot = cache.slot(i, start_tok, n)
             q, _ = qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin, H,
                                 eps=sa.norm_q.eps, k_out=k_slot)
             v_slot.copy_(_heads(v, H))
-            keys, vals = cache.keys_values(i, start_tok + n)
+            keys, vals = self._attention_kv(cache, i, start_tok + n, cond, ref_rope)
             y = linear(m.causal_attn(q, keys, vals).flatten(2), sa.o)
             # norm3 reads the residual rounded to bf16 (LiveAvatar), so it is stored once here
             x1 = gated_residual(xs, y, gate_sa, n)

@@ -105,14 +105,19 @@ class RingKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = k.shape[1]
+    def slot(self, layer: int, start: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ring rows [B, n, H, D] a block of n tokens starting at absolute token ``start``
+        goes to (views: a kernel may write its output there)."""
         if self.capacity % n:
             raise ValueError(f"cache capacity {self.capacity} is not a multiple of the block "
                              f"length {n}")
         s = start % self.capacity
-        self.k[layer][:, s:s + n] = k
-        self.v[layer][:, s:s + n] = v
+        return self.k[layer][:, s:s + n], self.v[layer][:, s:s + n]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        ks, vs = self.slot(layer, start, k.shape[1])
+        ks.copy_(k)
+        vs.copy_(v)
 
     def active(self, layer: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """K/V filled so far when the block ending at absolute token ``end`` has been written."""
