@@ -37,8 +37,7 @@ from ..models.audio_encoder import MOTION_LATENT_FRAMES, MOTION_PIXEL_FRAMES
 from ..models.block import linear
 from ..models.causal import (ROPE_ROUND, CausalS2V, CondCache, RingKVCache, block_segment,
                              ref_segment)
-from ..models.dit import SEG_NOISY, unpatchify
-from ..models.motion import conv_tokens
+from ..models.dit import unpatchify
 from ..models.rope import RopeTable, apply_rope, build_rope_table
 from ..quantization import gelu_linear, same_input_linears
 from .blocks import AudioCache, _heads, fast_inject_audio, fill_audio_cache, linear_gelu
@@ -122,14 +121,9 @@ class FastCausal(CausalS2V):
                                          getattr(text_kv, "dense", text_kv), ref_time)
         m = self.model
         dev = self.device
-        B, _, nf, lh, lw = x.shape
-        ph, pw = self.patch[1:]
-        th, tw = lh // ph, lw // pw
+        xs, (nf, th, tw) = self.block_tokens(x)
         n = nf * th * tw
         start_tok = start_frame * th * tw
-        tok = conv_tokens(x.to(dev), m.patch_embedding)
-        tok = tok + m.cond_encoder.bias.to(tok.dtype)  # pose cond = zeros: the conv gives its bias
-        xs = m.segment_embedding(tok, SEG_NOISY)
         audio = self._block_audio(audio_block, start_frame, nf)
         rope = build_rope_table([block_segment(start_frame, nf, th, tw)], self.head_dim, dev,
                                 torch.float32, round_to=ROPE_ROUND)

@@ -242,6 +242,16 @@ class CausalS2V:
         return cache
 
     # ------------------------------------------------------------------ one block
+    def block_tokens(self, x: torch.Tensor):
+        """Noisy tokens [B, n, dim] of a block x [B, 16, F, lh, lw] and its grid (F, th, tw): patch
+        embedding + the pose conv's bias (the pose condition is zero) + the noisy segment."""
+        m = self.model
+        _, _, nf, lh, lw = x.shape
+        ph, pw = self.patch[1:]
+        tok = conv_tokens(x.to(self.device), m.patch_embedding)
+        tok = tok + m.cond_encoder.bias.to(tok.dtype)
+        return m.segment_embedding(tok, SEG_NOISY), (nf, lh // ph, lw // pw)
+
     @torch.no_grad()
     def forward_block(self, x: torch.Tensor, t: float, cache: RingKVCache, cond: CondCache,
                       start_frame: int, audio_block: torch.Tensor, text_kv,
@@ -252,14 +262,9 @@ class CausalS2V:
         them with the first frame repeated 73 times, as the faithful model does)."""
         m = self.model
         dev = self.device
-        B, _, nf, lh, lw = x.shape
-        ph, pw = self.patch[1:]
-        th, tw = lh // ph, lw // pw
+        tok, (nf, th, tw) = self.block_tokens(x)
         n = nf * th * tw
         start_tok = start_frame * th * tw
-        tok = conv_tokens(x.to(dev), m.patch_embedding)
-        tok = tok + m.cond_encoder.bias.to(tok.dtype)  # pose cond = zeros: the conv gives its bias
-        tok = m.segment_embedding(tok, SEG_NOISY)
 
         a_loc, a_glb = m.casual_audio_encoder(audio_block.to(dev),
                                               (MOTION_PIXEL_FRAMES, MOTION_LATENT_FRAMES))
