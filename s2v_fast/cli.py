@@ -510,28 +510,29 @@ def one_line_warnings():
         warnings.showwarning = prev
 
 
-def prepare_options(args, device, log) -> dict:
-    """Check the precision / attention / offload / multi-GPU flags (no weights loaded) and
-    return the matching ``S2VPipeline.from_pretrained`` keyword arguments."""
-    from .runtime import (OFFLOAD_FLAGS, attention_choice, check_quantization,
-                          offload_mode_from_flags, parallel_config_from_args, resolve_precision)
+def prepare_options(args, device, log):
+    """Check the precision / attention / offload / multi-GPU / VAE flags, each once, before any
+    weights are loaded -> the :class:`~s2v_fast.runtime.RuntimeOptions` ``from_pretrained`` takes."""
+    from .runtime import (OFFLOAD_FLAGS, offload_mode_from_flags, parallel_config_from_args,
+                          runtime_options)
 
     offload = offload_mode_from_flags(args.enable_cpu_offload, args.enable_layerwise_offload)
-    attention = attention_choice(args.attention_backend, args.attention_site or (), device)
     # --step-pipeline: every rank runs the whole model on its own step; no DiT parallelism
     parallel = None if args.step_pipeline else parallel_config_from_args(args)
-    precision, note = resolve_precision(args.precision, device, offload=offload, parallel=parallel)
-    if note:
-        log(f"note: {note}")
+    opts = runtime_options(device, precision=args.precision,
+                           attention_backend=args.attention_backend,
+                           attention_sites=args.attention_site or (), offload=offload,
+                           free_encoders=offload is not None, quantization=args.quantization,
+                           parallel=parallel, vae_precision=args.vae_precision)
+    if opts.note:
+        log(f"note: {opts.note}")
     if offload is not None and device.type != "cuda":
         log(f"note: {OFFLOAD_FLAGS[offload]} only saves GPU memory; on {device} it just copies "
             "weights between host buffers")
     if parallel is not None:
         log(f"Multi-process run: {parallel.describe()} over {os.environ.get('WORLD_SIZE', '1')} "
             f"process(es)")
-    quantization = check_quantization(args.quantization, offload=offload, parallel=parallel)
-    return dict(precision=precision, offload=offload, free_encoders=offload is not None,
-                quantization=quantization, parallel=parallel, attention_backend=attention)
+    return opts
 
 
 def run_options(pipe, args) -> dict:
@@ -576,8 +577,7 @@ def cmd_generate(args) -> int:
         t0 = time.perf_counter()
         log(f"Loading {args.model} on {device} ...")
         pipe = S2VPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                           loras=args.lora_specs, vae_precision=args.vae_precision,
-                                           **options)
+                                           loras=args.lora_specs, runtime=options)
         if args.vae_use_slicing:
             pipe.vae.enable_slicing()
         if args.vae_use_tiling:
@@ -588,7 +588,7 @@ def cmd_generate(args) -> int:
     finally:
         if lock is not None:
             lock.release()
-        if options["parallel"] is not None or args.step_pipeline:
+        if options.parallel is not None or args.step_pipeline:
             destroy_distributed()
 
 

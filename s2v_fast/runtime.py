@@ -1,4 +1,5 @@
-"""Run-time options of a pipeline: DiT precision, attention backend, offload, multi-GPU setup.
+"""Run-time options of a pipeline: DiT precision, attention backend, offload, multi-GPU setup
+(:class:`RuntimeOptions`, built and checked once by :func:`runtime_options`).
 
 Each check raises a one-line :class:`~s2v_fast.errors.InputError` and runs before any weights
 are loaded. The mechanisms themselves live elsewhere: ``kernels/attention.py`` (backends),
@@ -8,6 +9,7 @@ and VAE patch parallel); this module only decides and validates.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -27,15 +29,21 @@ def default_attention_backend() -> str:
     return env_options().attention_backend
 
 
-def attention_choice(name: Optional[str] = None, sites=(), device=None):
+def attention_choice(name=None, sites=(), device=None):
     """The validated :class:`~s2v_fast.attention_sites.AttentionChoice` of ``--attention-backend``
-    (``name``; default ``S2V_ATTENTION_BACKEND``) and ``--attention-site`` (``sites``); an unusable
-    backend, a bad site or a backend that does not serve its site is a one-line InputError."""
+    (``name``: a backend name, default ``S2V_ATTENTION_BACKEND``, or an AttentionChoice) and
+    ``--attention-site`` (``sites``); an unusable backend, a bad site or a backend that does not
+    serve its site is a one-line InputError."""
     from .attention_sites import AttentionChoice
     from .kernels.attention import effective_backends
 
     try:
-        choice = AttentionChoice.parse(name or default_attention_backend(), sites)
+        if isinstance(name, AttentionChoice):
+            choice = name
+            for item in sites or ():
+                choice = choice.with_site(*AttentionChoice.parse("auto", [item]).overrides[0])
+        else:
+            choice = AttentionChoice.parse(name or default_attention_backend(), sites)
     except ValueError as e:
         raise InputError(str(e)) from None
     dev = torch.device(device) if device is not None else None
@@ -100,6 +108,45 @@ def resolve_precision(precision: Optional[str], device, *, offload: Optional[str
     if blocker:
         return "reference", f"{blocker}; using --precision reference"
     return "fast", None
+
+
+# ----------------------------------------------------------------------------- all of them
+VAE_PRECISIONS = ("reference", "fast")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a pipeline runs, checked once (:func:`runtime_options`) before any weights are read:
+    the DiT path (``precision``; ``note`` says why a default fell back to reference), attention
+    per site, quantisation, offload (and whether the encoders are dropped after their first
+    use), the parallel layout (a ParallelConfig or ParallelState, or None) and the VAE path."""
+
+    precision: str
+    attention: object  # AttentionChoice
+    quantization: str = "none"
+    offload: Optional[str] = None
+    free_encoders: bool = False
+    parallel: object = None
+    vae_precision: str = "reference"
+    note: Optional[str] = None
+
+
+def runtime_options(device, *, precision: Optional[str] = None, attention_backend=None,
+                    attention_sites=(), offload: Optional[str] = None, free_encoders: bool = False,
+                    quantization: Optional[str] = None, parallel=None,
+                    vae_precision: str = "reference") -> RuntimeOptions:
+    """Every run-time option validated, each once (one-line InputError naming the flag)."""
+    device = torch.device(device)
+    offload = check_offload_mode(offload)
+    if vae_precision not in VAE_PRECISIONS:
+        raise InputError(f"--vae-precision {vae_precision!r}: use reference or fast")
+    attention = attention_choice(attention_backend, attention_sites, device)
+    pconf = getattr(parallel, "config", parallel)  # ParallelState -> its ParallelConfig
+    precision, note = resolve_precision(precision, device, offload=offload, parallel=pconf)
+    quantization = check_quantization(quantization, offload=offload, parallel=pconf)
+    return RuntimeOptions(precision=precision, attention=attention, quantization=quantization,
+                          offload=offload, free_encoders=bool(free_encoders), parallel=parallel,
+                          vae_precision=vae_precision, note=note)
 
 
 # ----------------------------------------------------------------------------- multi-GPU

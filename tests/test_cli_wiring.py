@@ -149,6 +149,29 @@ def test_cli_precision_reaches_the_model(files, tmp_path, monkeypatch, tiny_cach
 
 
 # ----------------------------------------------------------------------------- attention backend
+def test_run_time_options_are_checked_once(files, tmp_path, monkeypatch, tiny_cache):
+    """The CLI checks precision, attention, offload, quantisation, parallel and VAE flags once
+    (runtime_options) and hands the result to from_pretrained, which does not check them again."""
+    from s2v_fast import runtime
+
+    monkeypatch.setenv("S2V_FAST_CACHE", tiny_cache)
+    calls, kwargs = [], []
+    real = runtime.runtime_options
+    monkeypatch.setattr(runtime, "runtime_options", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_fp = S2VPipeline.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **k):
+        kwargs.append(k)
+        return real_fp(cls, *a, **k)
+
+    monkeypatch.setattr(S2VPipeline, "from_pretrained", classmethod(from_pretrained))
+    assert cli.main(_args(files, tmp_path / "o.mp4", "--vae-precision", "fast")) == 0
+    assert len(calls) == 1
+    opts = kwargs[0]["runtime"]
+    assert isinstance(opts, runtime.RuntimeOptions)
+    assert (opts.precision, opts.vae_precision, opts.quantization) == ("reference", "fast", "none")
+
+
 def test_bad_vae_precision_is_an_input_error(tiny_cache, monkeypatch):
     from s2v_fast.errors import InputError
 

@@ -22,7 +22,7 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
                     offload: Optional[str] = None, free_encoders: bool = False,
                     quantization: Optional[str] = None, parallel=None, audio_device=None, cache_dir: Optional[str] = None,
                     load_text_encoder: bool = True, load_audio_encoder: bool = True,
-                    loras: Sequence = (), vae_precision: str = "reference"):
+                    loras: Sequence = (), vae_precision: str = "reference", runtime=None):
     """Load every component from ``model``: ``"tiny"``, a local checkpoint directory in the
     official layout, or a Hugging Face repo id (downloaded on first use).
 
@@ -44,6 +44,9 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     ``vae_precision``: ``"reference"`` (fp32, the default) or ``"fast"`` (bf16 convolutions with
     fp32 norms and heads, ``s2v_fast.fast.vae``; opt-in until measured on a GPU, changes numerics:
     PSNR >= 40 dB against fp32).
+    ``runtime``: a :class:`~s2v_fast.runtime.RuntimeOptions` already checked (the CLI's) instead
+    of ``precision`` / ``attention_backend`` / ``offload`` / ``free_encoders`` / ``quantization``
+    / ``parallel`` / ``vae_precision``.
     ``loras``: LoRAs to merge into the DiT (``"PATH_OR_HF_ID[:SCALE]"`` strings or
     :class:`~s2v_fast.lora.LoraSpec`), once, in fp32, before quantisation; the files are
     resolved (downloaded) and read before the DiT is.
@@ -53,25 +56,20 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
     from ..models.dit import S2VTransformer
     from ..models.text_encoder import TextEncoder
     from ..models.vae import WanVAE
-    from ..attention_sites import AttentionChoice
     from ..fast import set_precision
     from ..kernels.attention import configure_attention
-    from ..runtime import (attention_choice, check_offload_mode, check_quantization,
-                           init_parallel, resolve_precision, validate_parallel_for_model)
+    from ..runtime import init_parallel, runtime_options, validate_parallel_for_model
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype, device)
-    offload = check_offload_mode(offload)
-    if vae_precision not in ("reference", "fast"):
-        raise InputError(f"--vae-precision {vae_precision!r}: use reference or fast")
-    if isinstance(attention_backend, AttentionChoice):
-        attention = attention_choice(attention_backend.default,
-                                     [f"{s}={b}" for s, b in attention_backend.overrides], device)
-    else:
-        attention = attention_choice(attention_backend, (), device)
+    if runtime is None:
+        runtime = runtime_options(device, precision=precision, attention_backend=attention_backend,
+                                  offload=offload, free_encoders=free_encoders,
+                                  quantization=quantization, parallel=parallel,
+                                  vae_precision=vae_precision)
+    precision, attention, quantization = runtime.precision, runtime.attention, runtime.quantization
+    offload, free_encoders, parallel = runtime.offload, runtime.free_encoders, runtime.parallel
     pconf = getattr(parallel, "config", parallel)  # ParallelState -> its ParallelConfig
-    precision, _ = resolve_precision(precision, device, offload=offload, parallel=pconf)
-    quantization = check_quantization(quantization, offload=offload, parallel=pconf)
     path = hub.resolve_model(model, cache_dir=cache_dir)
     lora_weights = _read_loras(loras, cache_dir, model_path=path)
     if lora_weights:  # keys and shapes against the checkpoint's config, no weights read
@@ -118,7 +116,7 @@ def from_pretrained(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, *,
             quantize_dit(dit, quantization, attention="fp8" if fp8_attn else False)
         vae = WanVAE.from_file(os.path.join(path, hub.VAE_CHECKPOINT), device=load_device,
                                dtype=torch.float32)
-        if vae_precision == "fast":
+        if runtime.vae_precision == "fast":
             from ..fast.vae import apply_fast_vae
 
             apply_fast_vae(vae)
