@@ -171,6 +171,9 @@ def main():
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        ap.error("compares parallel layouts: launch with torchrun --nproc-per-node N (N >= 2), "
+                 "e.g. torchrun --nproc-per-node 2 bench/bench_parallel.py --smoke")
     init_distributed(ParallelConfig(ulysses_degree=world) if world > 1 else ParallelConfig(),
                      timeout_s=3600)
     rank = dist.get_rank() if dist.is_initialized() else 0
