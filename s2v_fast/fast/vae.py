@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..kernels.channel_norm import channel_norm
 from ..models.vae import (CACHE_T, AttentionBlock, CausalCache, CausalConv3d, Resample,
-                                 ResidualBlock, RMSNorm, WanVAE)
+                          ResidualBlock, RMSNorm, WanVAE)
 
 __all__ = ["apply_fast_vae", "is_fast_vae", "decode_accuracy"]
 
