@@ -37,7 +37,7 @@ stage() {
     gpusmoke) python3 bench/gpu_smoke.py ;;
     streaming) python3 bench/bench_streaming.py --sizes 704x384 --modes bf16_reference,bf16,fp8 --blocks 10 ;;
     streaming3) python3 bench/bench_streaming.py --sizes 704x384,720x400,448x832 --modes bf16,fp8 --blocks 9 --topic streaming_sizes ;;
-    gpustream) python3 -m pytest -q -p no:cacheprovider -rs tests/test_liveavatar_golden.py tests/test_vae_stream.py ;;
+    gpustream) python3 -m pytest -q -p no:cacheprovider -rs tests/test_liveavatar_golden.py tests/test_vae_stream.py tests/test_vae_fast.py tests/test_kernels_channel_norm.py tests/test_custom_ops.py ;;
     vaetile) python3 bench/vae_tiling_error.py ;;
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
          python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())" ;;
