@@ -182,8 +182,8 @@ def effective_backends(choice: AttentionChoice) -> Dict[str, str]:
 
 
 def configure_attention(target, choice=None) -> Dict[str, str]:
-    """Fill every attention slot of ``target`` (anything with ``attention_slots()``: the DiT, the
-    causal runner) from ``choice`` (an :class:`AttentionChoice` or a backend name for all sites);
+    """Fill every attention slot of ``target`` (anything with ``attention_slots()``: the DiT, its
+    streaming mode's ``causal`` slot included) from ``choice`` (an :class:`AttentionChoice` or a backend name for all sites);
     returns the effective site -> backend map. ValueError as :func:`effective_backends`."""
     if choice is None or isinstance(choice, str):
         choice = AttentionChoice(choice or "auto")
