@@ -243,8 +243,10 @@ _OP_COLUMNS = [
 ]
 
 
-def op_table(prof, group_by_input_shape: bool = False, group_by_stack_n: int = 0, user_ranges=()):
-    """``key_averages()`` as a DataFrame, sorted by self device time then self CPU time."""
+def op_table(prof, group_by_input_shape: bool = False, group_by_stack_n: int = 0, user_ranges=(),
+             max_rows: int | None = None):
+    """``key_averages()`` as a DataFrame, sorted by self device time then self CPU time;
+    ``max_rows``: keep only that many rows (percentages stay of the whole profile)."""
     import pandas as pd
 
     avgs = prof.key_averages(group_by_input_shape=group_by_input_shape, group_by_stack_n=group_by_stack_n)
@@ -291,6 +293,8 @@ def op_table(prof, group_by_input_shape: bool = False, group_by_stack_n: int = 0
         if td > 0:
             df["pct_self_device"] = 100.0 * df["self_device_time_total_us"] / td
         df = df.sort_values(["self_device_time_total_us", "self_cpu_time_total_us"], ascending=False)
+    if max_rows is not None:
+        df = df.head(max_rows)
     return df.reset_index(drop=True)
 
 

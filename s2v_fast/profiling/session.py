@@ -47,6 +47,8 @@ __all__ = [
     "run_profiled",
 ]
 
+STACK_ROWS = 2000  # rows of the by_stack sheet (the (op, stack) pairs with the most time)
+
 
 def global_rank() -> int:
     """Global rank: torch.distributed when initialised, else ``$RANK``, else 0."""
@@ -387,7 +389,10 @@ class ProfilerSession:
         if o.record_shapes:
             sheets["by_shape"] = _ex.op_table(prof, group_by_input_shape=True, user_ranges=user)
         if o.with_stack:
-            sheets["by_stack"] = _ex.op_table(prof, group_by_stack_n=8, user_ranges=user)
+            # the rows with the most time: a CPU run of the tiny model already has ~18k (op,
+            # stack) pairs, which took 8 s to write; every stack is in stacks_*.txt anyway
+            sheets["by_stack"] = _ex.op_table(prof, group_by_stack_n=8, user_ranges=user,
+                                              max_rows=STACK_ROWS)
 
         stage_rows = self._stage_rows()
         stage_cols = ["stage", "calls", "total_s", "mean_s", "min_s", "max_s", "pct_of_total",
