@@ -1,12 +1,30 @@
 """What a generation hands back: :class:`S2VOutput` (the result of ``generate``),
 :class:`ClipResult` (one decoded clip of ``run_clips``) and the :class:`PipelineCallback` hooks
-called along the way."""
+called along the way; :func:`begin_outputs`, the checks every generation (faithful or streaming)
+makes on its inputs and outputs before any work."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+
+from ..errors import InputError
+
+
+def begin_outputs(device, audio, audio_feats_50hz, output: Optional[str],
+                  return_video: Optional[bool]) -> bool:
+    """Audio given (a file or precomputed features), ``output`` writable, the peak-memory counter
+    reset; -> whether to return the video (default: when nothing is written)."""
+    if audio is None and audio_feats_50hz is None:
+        raise InputError("no audio given; pass --audio FILE (wav/mp3/flac)")
+    if output is not None:
+        from ..media import check_output_writable
+
+        check_output_writable(output)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return output is None if return_video is None else return_video
 
 
 class PipelineCallback:

@@ -38,7 +38,7 @@ from .interrupts import keep_finished_clips
 from .loading import from_pretrained
 from .placement import (attach_parallel, done_with, enable_offload, from_rank0, missing_component,
                         on_device)
-from .results import S2VOutput, emit
+from .results import S2VOutput, begin_outputs, emit
 from .settings import (AUDIO_FPS_IN, AUDIO_FPS_MID, AUDIO_SAMPLE_RATE, DEFAULT_MAX_AREA,
                        DEFAULT_PROMPT, NUM_TRAIN_TIMESTEPS, SAMPLE_FPS, SIZE_DIVISOR,
                        SamplingOptions, clips_for_frames, frames_for_clips, validate_settings)
@@ -302,18 +302,9 @@ class S2VPipeline:
             guidance_scale=guidance_scale, flow_shift=flow_shift, sample_solver=sample_solver,
             seed=seed, init_first_frame=init_first_frame).checked()
         seed = sampling.seed
-        if audio is None and audio_feats_50hz is None:
-            raise InputError("no audio given; pass --audio FILE (wav/mp3/flac)")
-        if return_video is None:
-            return_video = output is None
-        if output is not None:
-            from ..media import check_output_writable
-
-            check_output_writable(output)
-            if not self.is_main_process:  # multi-process: rank 0 writes the MP4
-                output = None
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        return_video = begin_outputs(self.device, audio, audio_feats_50hz, output, return_video)
+        if output is not None and not self.is_main_process:  # multi-process: rank 0 writes
+            output = None
 
         # 1. Size and reference image (cheap: a bad image fails before the heavy encoders run).
         from ..media import open_image_rgb

@@ -66,10 +66,10 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
     ``runner``: default a :class:`StreamingRunner` over ``pipe.dit``; a
     :class:`~s2v_fast.parallel.step_pipeline.StepPipelineRunner` runs this rank's step, and only
     its output rank (``runner.is_output``) decodes, writes ``output`` and returns the video."""
-    from ..media import check_output_writable, open_image_rgb
+    from ..media import open_image_rgb
     from ..pipeline.interrupts import keep_finished_clips
     from ..pipeline.placement import on_device
-    from ..pipeline.results import S2VOutput, emit
+    from ..pipeline.results import S2VOutput, begin_outputs, emit
     from ..pipeline.settings import AUDIO_SAMPLE_RATE, DEFAULT_PROMPT
 
     t_start = time.perf_counter()
@@ -78,14 +78,7 @@ def generate_streaming(pipe, image, audio=None, prompt: Optional[str] = None, *,
         raise InputError("--mode liveavatar runs on one process without offload for now; drop "
                          "the multi-GPU and offload flags (step-pipelined streaming is in the "
                          "Python API: s2v_fast.parallel.step_pipeline)")
-    if audio is None and audio_feats_50hz is None:
-        raise InputError("no audio given; pass --audio FILE (wav/mp3/flac)")
-    if return_video is None:
-        return_video = output is None
-    if output is not None:
-        check_output_writable(output)
-    if pipe.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipe.device)
+    return_video = begin_outputs(pipe.device, audio, audio_feats_50hz, output, return_video)
 
     pil = open_image_rgb(image)
     height, width = pipe.select_size((pil.height, pil.width), height, width, max_area)
